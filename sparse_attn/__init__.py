@@ -1,0 +1,23 @@
+"""sparse-attn: sparse attention estimators for long-context LLM decoding in JAX.
+
+Every estimator is a factory returning ``Estimator(init, append, attend)``::
+
+  import sparse_attn as sa
+  est = sa.magicpig(K=10, L=150)
+  index = est.init(cache, key)          # at prefill
+  index = est.append(index, cache)      # after new tokens were written to cache
+  res = est.attend(q, cache, index, key)  # res.out, res.lse, res.density, res.stats
+"""
+
+from sparse_attn import hash_tables, lsh
+from sparse_attn.attention import dense, dense_attention, merge
+from sparse_attn.magicpig import MagicPigIndex, magicpig
+from sparse_attn.sampling import uniform
+from sparse_attn.streaming import streaming
+from sparse_attn.topk import topk
+from sparse_attn.types import AttentionResult, Estimator, KVCache
+
+__all__ = [
+    "AttentionResult", "Estimator", "KVCache", "MagicPigIndex", "dense", "dense_attention",
+    "hash_tables", "lsh", "magicpig", "merge", "streaming", "topk", "uniform",
+]

@@ -1,0 +1,261 @@
+r"""MagicPIG: LSH sampling with exact importance weights.
+
+The exact set :math:`\mathcal{G}` (the first ``sinks`` and the last ``local`` tokens) is
+attended exactly. Every other valid token ``i`` (the residual) is *sampled*: it is retrieved
+when at least ``min_collisions`` of ``L`` SimHash tables of ``K`` bits put it in the query's
+bucket, which happens with probability :math:`w_i` = ``lsh.collision_probability`` of the
+cosine between ``q`` and the centred key :math:`k_i - \bar k`. With :math:`e_i = e^{s_i}`,
+
+.. math::
+   \hat o = \frac{\sum_{\mathcal{G}} e_j v_j + \sum_{\mathcal{S}} (e_i / w_i) v_i}
+                 {\sum_{\mathcal{G}} e_j + \sum_{\mathcal{S}} e_i / w_i},
+
+whose numerator and denominator are unbiased over the random planes (Horvitz-Thompson),
+then self-normalised. Centring by the mean key :math:`\bar k` of the prefill residual shifts
+every score by the same ``q . k_bar`` (the softmax is unchanged) and spreads the keys' angles.
+
+Retrieval reads only the query's ``L`` buckets (``hash_tables``). Tokens appended after the
+tables were built sit in a *tail* of at most ``tail`` tokens that is scanned directly; the
+tables are rebuilt (from stored codes, no rehashing) when the tail is full.
+
+Static capacities and what happens at them (never silently):
+``max_candidates`` bucket entries per query (``stats["bucket_overflow"]`` counts the entries
+dropped) and ``max_selected`` sampled tokens per query (``stats["selected_overflow"]``).
+Both are zero in normal operation; non-zero means the estimate is biased low, so raise them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attn import hash_tables, lsh
+from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
+from sparse_attn.attention import row_scores, softmax_attend
+from sparse_attn.sampling import compact_positions
+from sparse_attn.streaming import check_window, exact_rows, residual_mask
+from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
+
+
+class MagicPigIndex(NamedTuple):
+  """MagicPIG's index (a pytree).
+
+  Attributes:
+    planes: ``float32 [D, K*L]`` (or ``[Hkv, D, K*L]`` with ``planes_per_head``).
+    key_mean: ``float32 [B, Hkv, D]``, mean of the prefill residual keys (zeros if not
+      centring).
+    codes: ``uint16 [B, Hkv, S, L]`` codes of the centred keys (uint16 halves the
+      memory; ``K <= 16`` is required by the tables anyway).
+    key_norms: ``float32 [B, Hkv, S]``, ``||k_i - k_bar||``, so that ``attend`` gets the
+      exact cosine from the score alone, without a second pass over the gathered keys.
+    tables: ``HashTables`` with leading shape ``[B, Hkv]``, covering tokens
+      ``[sinks, table_length)``.
+    table_length: ``int32 [B]``, tokens covered by the tables.
+    length: ``int32 [B]``, tokens whose codes are in ``codes``.
+  """
+
+  planes: jax.Array
+  key_mean: jax.Array
+  codes: jax.Array
+  key_norms: jax.Array
+  tables: hash_tables.HashTables
+  table_length: jax.Array
+  length: jax.Array
+
+
+def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
+             local: int = 64, center_keys: bool = True, planes_per_head: bool = False,
+             max_selected: float | None = None, max_candidates: float | None = None,
+             tail: int = 1024, append_chunk: int = 16) -> Estimator:
+  """MagicPIG estimator (LSH sampling with importance weights).
+
+  Args:
+    K: bits per table (``<= 16``: each table stores ``2**K + 1`` offsets).
+    L: number of tables.
+    min_collisions: tables that must collide for a token to be sampled.
+    sinks, local: sizes of the exact set.
+    center_keys: centre keys by the mean prefill residual key before hashing.
+    planes_per_head: draw separate planes for each KV head.
+    max_selected: sampled tokens kept per query, as a fraction of the capacity ``S``.
+      Default: ``max(4 w(0), 1/64)`` with ``w(0)`` the inclusion probability of a key
+      orthogonal to the query (3.9% for K=10, L=150), since most centred keys are nearly
+      orthogonal to the query.
+    max_candidates: bucket entries read per query, as a fraction of ``S`` (the ``L``
+      buckets share this buffer; their expected total is ``L * sum_i p_i``). Default:
+      ``2 L p(0)`` with ``p(0) = 2**-K`` (0.29 for K=10, L=150).
+    tail: tokens appended since the last table build that are scanned directly; the
+      tables are rebuilt when more are pending.
+    append_chunk: tokens hashed per step of ``append``'s loop.
+
+  Returns:
+    An ``Estimator``. ``attend``'s ``stats``: ``selected`` (exact + sampled tokens),
+    ``valid``, ``sampled``, ``bucket_overflow``, ``selected_overflow``, ``unindexed``
+    (residual tokens written to the cache but not yet appended to the index).
+  """
+  lsh.check_table_shape(K, L, min_collisions)
+  check_window(sinks, local)
+  if K > 16:
+    raise ValueError(f"K must be <= 16 for bucketed tables (2**K + 1 offsets each), got {K}")
+  if max_selected is None:
+    max_selected = max(4.0 * float(lsh.collision_probability(0.0, K, L, min_collisions)), 1 / 64)
+  if max_candidates is None:
+    max_candidates = 2.0 * L * 2.0**-K
+  if not 0.0 < max_selected <= 1.0:
+    raise ValueError(f"max_selected must be a fraction of S in (0, 1], got {max_selected!r}")
+  if not 0.0 < max_candidates <= float(L):
+    raise ValueError(f"max_candidates must be a fraction of S in (0, L={L}], got {max_candidates!r}")
+  for name, value in (("tail", tail), ("append_chunk", append_chunk)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+  def hash_queries(x, index_planes):
+    """``x [B, Hkv, ..., D] -> uint32 [B, Hkv, ..., L]``."""
+    if planes_per_head:
+      return jax.vmap(lambda x, w: lsh.simhash(x, w, K, L), in_axes=(1, 0), out_axes=1)(
+          x, index_planes)
+    return lsh.simhash(x, index_planes, K, L)
+
+  def hash_keys(keys, index_planes, key_mean):
+    """``keys [B, Hkv, N, D] -> (codes uint16 [B, Hkv, N, L], norms [B, Hkv, N])``."""
+    centred = keys.astype(jnp.float32) - key_mean[:, :, None, :]
+    codes = hash_queries(centred, index_planes).astype(jnp.uint16)
+    return codes, jnp.linalg.norm(centred, axis=-1)
+
+  def build(codes, length):
+    positions = jnp.arange(codes.shape[2], dtype=jnp.int32)
+    include = (positions[None, :] >= sinks) & (positions[None, :] < length[:, None])
+    include = jnp.broadcast_to(include[:, None, :], codes.shape[:3])
+    return hash_tables.build_tables(codes, include, K)
+
+  def init(cache: KVCache, key: jax.Array) -> MagicPigIndex:
+    check_cache(cache)
+    check_key(key)
+    return _init(cache, key)
+
+  @jax.jit
+  def _init(cache, key):
+    keys, _, length = cache
+    batch, num_kv_heads, capacity, head_dim = keys.shape
+    index_planes = lsh.planes(key, head_dim, K, L, num_kv_heads if planes_per_head else None)
+    if center_keys:
+      positions = jnp.arange(capacity, dtype=jnp.int32)[None, :]
+      residual = residual_mask(positions, length, sinks, local)[:, None, :, None]
+      total = jnp.sum(jnp.where(residual, keys.astype(jnp.float32), 0.0), axis=2)
+      count = jnp.sum(residual, axis=2).astype(jnp.float32)
+      key_mean = total / jnp.maximum(count, 1.0)
+    else:
+      key_mean = jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
+    codes, norms = hash_keys(keys, index_planes, key_mean)
+    return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
+                         length)
+
+  def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
+    check_cache(cache)
+    if index.codes.shape[:3] != cache.keys.shape[:3]:
+      raise ValueError(
+          f"index was built for a cache of shape [B, Hkv, S] = {tuple(index.codes.shape[:3])}, "
+          f"got cache.keys {tuple(cache.keys.shape)}")
+    return _append(index, cache)
+
+  @jax.jit
+  def _append(index, cache):
+    capacity = cache.keys.shape[2]
+    chunk = min(append_chunk, capacity)
+
+    def hash_chunk(idx):
+      start = jnp.clip(idx.length, 0, capacity - chunk)
+      rows = jax.vmap(lambda k, s: jax.lax.dynamic_slice_in_dim(k, s, chunk, axis=1))(
+          cache.keys, start)
+      new_codes, new_norms = hash_keys(rows, idx.planes, idx.key_mean)
+      write = jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1))
+      length = jnp.maximum(idx.length, jnp.minimum(start + chunk, cache.length))
+      return idx._replace(codes=write(idx.codes, new_codes, start),
+                          key_norms=write(idx.key_norms, new_norms, start), length=length)
+
+    index = jax.lax.while_loop(lambda idx: jnp.any(idx.length < cache.length), hash_chunk,
+                               index)
+    # The tail scan covers at most `tail` tokens past the tables: rebuild when more wait.
+    # One `cond` for the whole batch (under vmap it would run the sort every step).
+    pending = index.length - index.table_length
+    return jax.lax.cond(
+        jnp.any(pending > min(tail, capacity)),
+        lambda idx: idx._replace(tables=build(idx.codes, idx.length), table_length=idx.length),
+        lambda idx: idx, index)
+
+  def attend(q: jax.Array, cache: KVCache, index: MagicPigIndex, key=None):
+    del key  # the randomness is in the planes, drawn at init
+    check_query(q, cache)
+    return _attend(q, cache, index)
+
+  def retrieve(q_codes, index, hashed, length, num_candidates, num_selected, tail_size):
+    """Sampled token ids ``[B, Hkv, G, C]`` (+ mask) and the overflow counts."""
+    capacity = index.codes.shape[2]
+    lookup = jax.vmap(hash_tables.lookup, in_axes=(None, 0, None))  # the group's queries
+    lookup = jax.vmap(jax.vmap(lookup, in_axes=(0, 0, None)), in_axes=(0, 0, None))
+    ids, valid, dropped = lookup(index.tables, q_codes, num_candidates)
+    keep = hash_tables.first_collisions(
+        ids.reshape(-1, num_candidates), valid.reshape(-1, num_candidates), capacity,
+        min_collisions).reshape(ids.shape)
+    # Tokens appended since the last build: scan their codes directly.
+    start = jnp.clip(index.table_length, 0, capacity - tail_size)  # [B]
+    tail_pos = start[:, None] + jnp.arange(tail_size, dtype=jnp.int32)[None, :]  # [B, T]
+    tail_codes = jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s, tail_size, axis=1))(
+        index.codes, start)  # [B, Hkv, T, L]
+    tail_counts = jnp.sum(
+        tail_codes[:, :, None, :, :] == q_codes[:, :, :, None, :].astype(tail_codes.dtype),
+        axis=-1, dtype=jnp.int32)  # [B, Hkv, G, T]
+    tail_new = (tail_pos >= index.table_length[:, None]) & (tail_pos < hashed[:, None])
+    tail_keep = tail_new[:, None, None, :] & (tail_counts >= min_collisions)
+    tail_pos = jnp.broadcast_to(tail_pos[:, None, None, :], tail_counts.shape)
+    cand = jnp.concatenate([ids, tail_pos], axis=-1)
+    keep = jnp.concatenate([keep, tail_keep], axis=-1)
+    keep &= residual_mask(cand, length, sinks, local)
+    rows, sel_mask, overflow = compact_positions(keep, num_selected)
+    sel = jnp.take_along_axis(cand, rows, axis=-1)
+    return sel, sel_mask, dropped, overflow
+
+  @jax.jit
+  def _attend(q, cache, index):
+    keys, values, length = cache
+    batch, num_kv_heads, capacity, head_dim = keys.shape
+    group = q.shape[1] // num_kv_heads
+    num_selected = max(1, math.ceil(max_selected * capacity))
+    num_candidates = max(1, math.ceil(max_candidates * capacity))
+    tail_size = min(tail, capacity)
+    qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
+    q_codes = hash_queries(qg, index.planes)
+    hashed = jnp.minimum(index.length, length)
+    sel, sel_mask, dropped, overflow = retrieve(
+        q_codes, index, hashed, length, num_candidates, num_selected, tail_size)
+
+    # Sampled part: exact scores, importance weights 1/w from the exact centred cosine,
+    # q.(k - k_bar) = sqrt(D) s - q.k_bar, with ||k - k_bar|| stored at hashing time.
+    scores = row_scores(qg, gather_rows(keys, sel))  # [B, Hkv, G, C]
+    dots = scores * math.sqrt(head_dim) - jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean)[
+        ..., None]
+    k_norms = jnp.take_along_axis(index.key_norms[:, :, None, :], sel, axis=-1,
+                                  mode="promise_in_bounds")
+    norms = jnp.linalg.norm(qg, axis=-1)[..., None] * k_norms
+    cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
+    w = lsh.collision_probability(cos, K, L, min_collisions)
+    log_w = jnp.log(jnp.maximum(w, 1e-30))
+    out_s, lse_s = softmax_attend(scores - log_w, sel_mask, gather_rows(values, sel))
+
+    ex_pos, ex_mask, ex_scores = exact_rows(q, cache, sinks, local)
+    out_e, lse_e = softmax_attend(ex_scores, ex_mask, gather_rows(values, ex_pos))
+    out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
+
+    sampled = jnp.sum(sel_mask, axis=-1).astype(jnp.float32)
+    exact = jnp.broadcast_to(jnp.sum(ex_mask, axis=-1), sampled.shape).astype(jnp.float32)
+    residual_end = jnp.maximum(length - local, sinks)
+    unindexed = jnp.maximum(residual_end - jnp.maximum(hashed, sinks), 0).astype(jnp.float32)
+    return make_result(
+        q, out, lse, exact + sampled, cache, sampled=sampled,
+        bucket_overflow=dropped.astype(jnp.float32),
+        selected_overflow=overflow.astype(jnp.float32),
+        unindexed=jnp.broadcast_to(unindexed[:, None, None], sampled.shape))
+
+  return Estimator(init, append, attend)

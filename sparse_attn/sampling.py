@@ -1,0 +1,95 @@
+r"""Uniform random sampling of the residual with Horvitz-Thompson weights (a baseline).
+
+Each residual token enters independently with probability ``rate`` (Poisson/Bernoulli
+sampling) and weight ``1/rate``; the exact set (sinks + local) is attended exactly. The
+numerator and denominator are unbiased; the output is their ratio. It is the baseline that
+importance sampling (MagicPIG) must beat at the same density.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
+from sparse_attn.attention import row_scores, softmax_attend
+from sparse_attn.streaming import check_window, exact_rows, residual_mask
+from sparse_attn.types import Estimator, check_key, check_query
+
+
+def compact_positions(keep: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The first ``size`` True positions of ``keep [..., S]``, in order.
+
+  Returns:
+    ``(positions int32 [..., size], mask bool [..., size], overflow int32 [...])``, where
+    ``overflow`` counts True positions that did not fit.
+  """
+  def one(row):
+    rank = jnp.cumsum(row, dtype=jnp.int32) - 1
+    target = jnp.where(row & (rank < size), rank, size)
+    src = jnp.arange(row.shape[0], dtype=jnp.int32)
+    out = jnp.zeros(size + 1, jnp.int32).at[target].set(src, mode="promise_in_bounds")
+    total = rank[-1] + 1
+    return out[:size], jnp.arange(size) < total, jnp.maximum(total - size, 0)
+
+  flat = keep.reshape(-1, keep.shape[-1])
+  pos, mask, overflow = jax.vmap(one)(flat)
+  lead = keep.shape[:-1]
+  return pos.reshape(lead + (size,)), mask.reshape(lead + (size,)), overflow.reshape(lead)
+
+
+def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
+  """Bernoulli(``rate``) sampling of the residual, weights ``1/rate``.
+
+  One sample per KV head, shared by its GQA group. The static buffer holds
+  ``rate*S + 6*sqrt(rate*S) + 16`` tokens (the sample size exceeds it with probability
+  below 1e-9); ``stats["selected_overflow"]`` counts any excess.
+
+  Args:
+    rate: inclusion probability of each residual token, in (0, 1].
+    sinks, local: sizes of the exact set.
+  """
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"rate must be in (0, 1], got {rate!r}")
+  check_window(sinks, local)
+
+  def init(cache, key):
+    del cache, key
+    return ()
+
+  def append(index, cache):
+    del cache
+    return index
+
+  def attend(q, cache, index, key):
+    del index
+    check_query(q, cache)
+    check_key(key)
+    return _attend(q, cache, key)
+
+  @jax.jit
+  def _attend(q, cache, key):
+    keys, values, length = cache
+    batch, num_kv_heads, capacity, _ = keys.shape
+    size = min(capacity, math.ceil(rate * capacity + 6 * math.sqrt(rate * capacity) + 16))
+    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+    u = jax.random.uniform(key, (batch, num_kv_heads, capacity))
+    keep = (u < rate) & residual_mask(positions, length, sinks, local)
+    sel, sel_mask, overflow = compact_positions(keep, size)
+    qg = group_queries(q, num_kv_heads)
+    scores = row_scores(qg, gather_rows(keys, sel)) - math.log(rate)
+    out_s, lse_s = softmax_attend(scores, sel_mask[:, :, None, :], gather_rows(values, sel))
+    ex_pos, ex_mask, ex_scores = exact_rows(q, cache, sinks, local)
+    out_e, lse_e = softmax_attend(ex_scores, ex_mask, gather_rows(values, ex_pos))
+    out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
+    group = qg.shape[2]
+    sampled = jnp.broadcast_to(jnp.sum(sel_mask, -1)[:, :, None], lse.shape).astype(jnp.float32)
+    exact = jnp.broadcast_to(jnp.sum(ex_mask, -1), lse.shape).astype(jnp.float32)
+    del group
+    return make_result(q, out, lse, exact + sampled, cache, sampled=sampled,
+                       selected_overflow=jnp.broadcast_to(overflow[:, :, None], lse.shape)
+                       .astype(jnp.float32))
+
+  return Estimator(init, append, attend)

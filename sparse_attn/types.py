@@ -1,0 +1,126 @@
+"""The arrays every estimator shares: the KV cache, the result, the estimator triple.
+
+Shapes: batch ``B``, query heads ``Hq``, KV heads ``Hkv`` (``Hq % Hkv == 0``, GQA group
+``G = Hq // Hkv``), static capacity ``S``, head dim ``D``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+class KVCache(NamedTuple):
+  """A preallocated decode cache.
+
+  Attributes:
+    keys: ``[B, Hkv, S, D]`` post-RoPE keys; rows at or past ``length`` are ignored.
+    values: ``[B, Hkv, S, D]``.
+    length: ``int32 [B]``, the number of valid tokens of each batch row (ragged).
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  length: jax.Array
+
+
+class AttentionResult(NamedTuple):
+  """An (estimated) attention output that can be merged with others.
+
+  Attributes:
+    out: ``[B, Hq, D]`` in the query's dtype.
+    lse: ``float32 [B, Hq]``, log of the (estimated) softmax denominator
+      ``sum_i exp(q.k_i / sqrt(D))``; ``-inf`` where no token entered.
+    density: ``float32 [B, Hq]``, the fraction of valid tokens that entered the estimate.
+    stats: dict of ``[B, Hq]`` arrays (diagnostics; see each estimator).
+      Every estimator reports ``selected`` (tokens that entered) and ``valid`` (valid
+      tokens), so that ``merge`` can recompute ``density``.
+  """
+
+  out: jax.Array
+  lse: jax.Array
+  density: jax.Array
+  stats: dict[str, jax.Array]
+
+
+class Estimator(NamedTuple):
+  """An attention estimator as a triple of pure functions (optax style).
+
+  ``index = init(cache, key)`` builds the estimator's state at prefill;
+  ``index = append(index, cache)`` extends it after new tokens were written to ``cache``;
+  ``res = attend(q, cache, index, key)`` returns an ``AttentionResult``.
+  Configuration lives in the factory's closure; arrays live in ``index``.
+  """
+
+  init: Callable[[KVCache, jax.Array], Any]
+  append: Callable[[Any, KVCache], Any]
+  attend: Callable[[jax.Array, KVCache, Any, jax.Array], AttentionResult]
+
+
+def _dtype_name(x) -> str:
+  return jnp.dtype(x.dtype).name
+
+
+def check_cache(cache: KVCache, name: str = "cache") -> None:
+  """Raises ``ValueError`` (at trace time) unless ``cache`` is a well-formed KVCache."""
+  if not isinstance(cache, KVCache):
+    raise ValueError(f"{name} must be a sparse_attn.KVCache, got {type(cache).__name__}")
+  k, v, n = cache
+  if k.ndim != 4:
+    raise ValueError(f"{name}.keys must have shape [B, Hkv, S, D], got shape {tuple(k.shape)}")
+  if v.shape != k.shape:
+    raise ValueError(
+        f"{name}.values must have the keys' shape [B, Hkv, S, D] = {tuple(k.shape)}, "
+        f"got {tuple(v.shape)}")
+  for arr, what in ((k, "keys"), (v, "values")):
+    if jnp.dtype(arr.dtype) not in FLOAT_DTYPES:
+      raise ValueError(
+          f"{name}.{what} must be bfloat16, float16 or float32, got {_dtype_name(arr)}")
+  batch, _, capacity, head_dim = k.shape
+  if capacity == 0:
+    raise ValueError(f"{name} is empty: capacity S = keys.shape[2] must be > 0")
+  if head_dim == 0:
+    raise ValueError(f"{name}.keys has head dim D = 0; expected D > 0")
+  if n.shape != (batch,):
+    raise ValueError(f"{name}.length must have shape [B] = ({batch},), got {tuple(n.shape)}")
+  if not jnp.issubdtype(n.dtype, jnp.integer):
+    raise ValueError(f"{name}.length must be an integer array (int32), got {_dtype_name(n)}")
+  if not isinstance(n, jax.core.Tracer):
+    lengths = np.asarray(n)
+    if lengths.min() <= 0 or lengths.max() > capacity:
+      raise ValueError(
+          f"{name}.length must lie in [1, S={capacity}] for every batch row (an empty cache "
+          f"has nothing to attend to), got {lengths.tolist()}")
+
+
+def check_query(q: jax.Array, cache: KVCache, name: str = "q") -> int:
+  """Validates a decode query against ``cache``; returns the GQA group size ``G``."""
+  check_cache(cache)
+  batch, num_kv_heads, _, head_dim = cache.keys.shape
+  if q.ndim != 3:
+    raise ValueError(f"{name} must have shape [B, Hq, D], got shape {tuple(q.shape)}")
+  if jnp.dtype(q.dtype) not in FLOAT_DTYPES:
+    raise ValueError(f"{name} must be bfloat16, float16 or float32, got {_dtype_name(q)}")
+  if q.shape[0] != batch or q.shape[2] != head_dim:
+    raise ValueError(
+        f"{name} must have shape [B={batch}, Hq, D={head_dim}] to match the cache, "
+        f"got {tuple(q.shape)}")
+  if q.shape[1] % num_kv_heads:
+    raise ValueError(
+        f"{name} has Hq = {q.shape[1]} query heads, which must be a multiple of the cache's "
+        f"Hkv = {num_kv_heads} KV heads (GQA)")
+  return q.shape[1] // num_kv_heads
+
+
+def check_key(key: jax.Array, name: str = "key") -> None:
+  """Raises ``ValueError`` unless ``key`` is a single JAX PRNG key."""
+  if key is None:
+    raise ValueError(f"{name} must be a jax.random key, got None")
+  shape = key.shape if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key.shape[:-1]
+  if shape != ():
+    raise ValueError(f"{name} must be a single jax.random key, got shape {tuple(key.shape)}")
