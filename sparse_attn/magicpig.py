@@ -36,7 +36,7 @@ from sparse_attn import hash_tables, lsh
 from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
 from sparse_attn.attention import row_scores, softmax_attend
 from sparse_attn.sampling import compact_positions
-from sparse_attn.streaming import check_window, exact_rows, residual_mask
+from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
 
 
@@ -221,7 +221,6 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   def _attend(q, cache, index):
     keys, values, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
-    group = q.shape[1] // num_kv_heads
     num_selected = max(1, math.ceil(max_selected * capacity))
     num_candidates = max(1, math.ceil(max_candidates * capacity))
     tail_size = min(tail, capacity)
@@ -244,12 +243,10 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     log_w = jnp.log(jnp.maximum(w, 1e-30))
     out_s, lse_s = softmax_attend(scores - log_w, sel_mask, gather_rows(values, sel))
 
-    ex_pos, ex_mask, ex_scores = exact_rows(q, cache, sinks, local)
-    out_e, lse_e = softmax_attend(ex_scores, ex_mask, gather_rows(values, ex_pos))
+    out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
 
     sampled = jnp.sum(sel_mask, axis=-1).astype(jnp.float32)
-    exact = jnp.broadcast_to(jnp.sum(ex_mask, axis=-1), sampled.shape).astype(jnp.float32)
     residual_end = jnp.maximum(length - local, sinks)
     unindexed = jnp.maximum(residual_end - jnp.maximum(hashed, sinks), 0).astype(jnp.float32)
     return make_result(

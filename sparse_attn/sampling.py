@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
 from sparse_attn.attention import row_scores, softmax_attend
-from sparse_attn.streaming import check_window, exact_rows, residual_mask
+from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_key, check_query
 
 
@@ -81,13 +81,9 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
     qg = group_queries(q, num_kv_heads)
     scores = row_scores(qg, gather_rows(keys, sel)) - math.log(rate)
     out_s, lse_s = softmax_attend(scores, sel_mask[:, :, None, :], gather_rows(values, sel))
-    ex_pos, ex_mask, ex_scores = exact_rows(q, cache, sinks, local)
-    out_e, lse_e = softmax_attend(ex_scores, ex_mask, gather_rows(values, ex_pos))
+    out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
-    group = qg.shape[2]
     sampled = jnp.broadcast_to(jnp.sum(sel_mask, -1)[:, :, None], lse.shape).astype(jnp.float32)
-    exact = jnp.broadcast_to(jnp.sum(ex_mask, -1), lse.shape).astype(jnp.float32)
-    del group
     return make_result(q, out, lse, exact + sampled, cache, sampled=sampled,
                        selected_overflow=jnp.broadcast_to(overflow[:, :, None], lse.shape)
                        .astype(jnp.float32))

@@ -55,20 +55,21 @@ def residual_mask(positions: jax.Array, length: jax.Array, sinks: int, local: in
   return (positions >= sinks) & (positions < n - local)
 
 
-def exact_rows(q: jax.Array, cache: KVCache, sinks: int, local: int):
-  """Gathers and scores the exact set, shared by every KV head's group.
+def exact_part(q: jax.Array, cache: KVCache, sinks: int, local: int):
+  """Exact attention over the sinks and the local window, shared by each KV head's group.
 
   Returns:
-    ``(positions [B, Hkv, E], mask [B, Hkv, 1, E], scores float32 [B, Hkv, G, E])`` with
-    ``E = sinks + local``.
+    ``(out float32 [B, Hkv, G, D], lse float32 [B, Hkv, G], count float32 [B, 1, 1])``, the
+    partial result of the exact set (to merge with an estimate of the residual) and its size.
   """
-  keys = cache.keys
+  keys, values, length = cache
   batch, num_kv_heads, capacity, _ = keys.shape
-  positions, mask = exact_positions(cache.length, sinks, local, capacity)
+  positions, mask = exact_positions(length, sinks, local, capacity)
   positions = jnp.broadcast_to(positions[:, None, :], (batch, num_kv_heads, positions.shape[-1]))
-  mask = jnp.broadcast_to(mask[:, None, None, :], (batch, num_kv_heads, 1, mask.shape[-1]))
+  mask = mask[:, None, None, :]
   scores = row_scores(group_queries(q, num_kv_heads), gather_rows(keys, positions))
-  return positions, mask, scores
+  out, lse = softmax_attend(scores, mask, gather_rows(values, positions))
+  return out, lse, jnp.sum(mask, axis=-1).astype(jnp.float32)
 
 
 def streaming(sinks: int = 4, local: int = 64) -> Estimator:
@@ -100,9 +101,7 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
 
   @jax.jit
   def _attend(q, cache):
-    positions, mask, scores = exact_rows(q, cache, sinks, local)
-    out, lse = softmax_attend(scores, mask, gather_rows(cache.values, positions))
-    selected = jnp.broadcast_to(jnp.sum(mask, axis=-1), lse.shape)
-    return make_result(q, out, lse, selected, cache)
+    out, lse, count = exact_part(q, cache, sinks, local)
+    return make_result(q, out, lse, jnp.broadcast_to(count, lse.shape), cache)
 
   return Estimator(init, append, attend)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
 from sparse_attn.attention import row_scores, softmax_attend
-from sparse_attn.streaming import check_window, exact_rows, residual_mask
+from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_query
 
 PREDICTORS = ("oracle",)
@@ -74,10 +74,9 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     top_mask = (jnp.arange(k_max)[None, None, None, :] < keep) & jnp.isfinite(top_scores)
     top_pos = top_pos.astype(jnp.int32)
     out_t, lse_t = softmax_attend(top_scores, top_mask, gather_rows(values, top_pos))
-    ex_pos, ex_mask, ex_scores = exact_rows(q, cache, sinks, local)
-    out_e, lse_e = softmax_attend(ex_scores, ex_mask, gather_rows(values, ex_pos))
+    out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
-    selected = jnp.sum(top_mask, -1) + jnp.sum(ex_mask, -1)
+    selected = jnp.sum(top_mask, -1).astype(jnp.float32) + exact
     return make_result(q, out, lse, selected, cache,
                        read_all_keys=jnp.ones(lse.shape, jnp.bool_))
 
