@@ -46,7 +46,15 @@ def build_tables(codes: jax.Array, include: jax.Array, K: int) -> HashTables:
   num_buckets = 1 << K
   keys = jnp.where(include[..., None], codes.astype(jnp.int32), num_buckets)
   keys = jnp.swapaxes(keys, -1, -2)  # [..., L, S]
-  sorted_ids = jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
+  num_tokens = keys.shape[-1]
+  if (num_buckets + 1) * num_tokens <= 2**32:
+    # Sorting one packed uint32 (code, id) key is several times faster on XLA:CPU than a
+    # stable argsort (which sorts a second, index operand); ids stay ascending per bucket.
+    packed = keys.astype(jnp.uint32) * jnp.uint32(num_tokens) + jnp.arange(
+        num_tokens, dtype=jnp.uint32).reshape((1,) * (keys.ndim - 1) + (num_tokens,))
+    sorted_ids = (jnp.sort(packed, axis=-1) % jnp.uint32(num_tokens)).astype(jnp.int32)
+  else:
+    sorted_ids = jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
 
   def bucket_sizes(row):  # [S] -> [2**K + 1]
     return jnp.zeros(num_buckets + 1, jnp.int32).at[row].add(1, mode="promise_in_bounds")

@@ -57,7 +57,8 @@ def simhash(x: jax.Array, w: jax.Array, K: int, L: int) -> jax.Array:
   Returns:
     ``uint32 [..., L]``: bit ``i`` of table ``l`` is ``x . w[:, l*K + i] > 0``.
   """
-  proj = jnp.einsum("...d,dn->...n", x.astype(jnp.float32), w)
+  proj = jnp.einsum("...d,dn->...n", x.astype(jnp.float32), w,
+                    precision=jax.lax.Precision.HIGHEST)
   bits = (proj > 0).reshape(proj.shape[:-1] + (L, K)).astype(jnp.uint32)
   shifts = jnp.arange(K, dtype=jnp.uint32).reshape((1,) * (bits.ndim - 1) + (K,))
   return jnp.sum(jnp.left_shift(bits, shifts), axis=-1, dtype=jnp.uint32)

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attn import hash_tables, lsh
-from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
-from sparse_attn.attention import row_scores, softmax_attend
+from sparse_attn.attention import HIGHEST, combine_lse, gather_rows, group_queries
+from sparse_attn.attention import make_result, row_scores, softmax_attend
 from sparse_attn.sampling import compact_positions
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
@@ -80,9 +80,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     center_keys: centre keys by the mean prefill residual key before hashing.
     planes_per_head: draw separate planes for each KV head.
     max_selected: sampled tokens kept per query, as a fraction of the capacity ``S``.
-      Default: ``max(4 w(0), 1/64)`` with ``w(0)`` the inclusion probability of a key
-      orthogonal to the query (3.9% for K=10, L=150), since most centred keys are nearly
-      orthogonal to the query.
+      Default: ``2 w(0) + 1/64`` with ``w(0)`` the inclusion probability of a key
+      orthogonal to the query (3.5% for K=10, L=150; 8.6% for K=8, L=75), since most
+      centred keys are nearly orthogonal to the query.
     max_candidates: bucket entries read per query, as a fraction of ``S`` (the ``L``
       buckets share this buffer; their expected total is ``L * sum_i p_i``). Default:
       ``2 L p(0)`` with ``p(0) = 2**-K`` (0.29 for K=10, L=150).
@@ -100,13 +100,14 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   if K > 16:
     raise ValueError(f"K must be <= 16 for bucketed tables (2**K + 1 offsets each), got {K}")
   if max_selected is None:
-    max_selected = max(4.0 * float(lsh.collision_probability(0.0, K, L, min_collisions)), 1 / 64)
+    max_selected = 2.0 * float(lsh.collision_probability(0.0, K, L, min_collisions)) + 1 / 64
   if max_candidates is None:
     max_candidates = 2.0 * L * 2.0**-K
   if not 0.0 < max_selected <= 1.0:
     raise ValueError(f"max_selected must be a fraction of S in (0, 1], got {max_selected!r}")
   if not 0.0 < max_candidates <= float(L):
-    raise ValueError(f"max_candidates must be a fraction of S in (0, L={L}], got {max_candidates!r}")
+    raise ValueError(
+        f"max_candidates must be a fraction of S in (0, L={L}], got {max_candidates!r}")
   for name, value in (("tail", tail), ("append_chunk", append_chunk)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -233,8 +234,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     # Sampled part: exact scores, importance weights 1/w from the exact centred cosine,
     # q.(k - k_bar) = sqrt(D) s - q.k_bar, with ||k - k_bar|| stored at hashing time.
     scores = row_scores(qg, gather_rows(keys, sel))  # [B, Hkv, G, C]
-    dots = scores * math.sqrt(head_dim) - jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean)[
-        ..., None]
+    q_mean = jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean, precision=HIGHEST)
+    dots = scores * math.sqrt(head_dim) - q_mean[..., None]
     k_norms = jnp.take_along_axis(index.key_norms[:, :, None, :], sel, axis=-1,
                                   mode="promise_in_bounds")
     norms = jnp.linalg.norm(qg, axis=-1)[..., None] * k_norms

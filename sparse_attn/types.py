@@ -90,8 +90,11 @@ def check_cache(cache: KVCache, name: str = "cache") -> None:
     raise ValueError(f"{name}.length must have shape [B] = ({batch},), got {tuple(n.shape)}")
   if not jnp.issubdtype(n.dtype, jnp.integer):
     raise ValueError(f"{name}.length must be an integer array (int32), got {_dtype_name(n)}")
-  if not isinstance(n, jax.core.Tracer):
-    lengths = np.asarray(n)
+  try:
+    lengths = np.asarray(n)  # concrete lengths are checked now; traced ones cannot be
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    lengths = None
+  if lengths is not None:
     if lengths.min() <= 0 or lengths.max() > capacity:
       raise ValueError(
           f"{name}.length must lie in [1, S={capacity}] for every batch row (an empty cache "

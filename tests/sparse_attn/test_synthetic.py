@@ -25,5 +25,6 @@ def test_same_key_same_data_and_dtype():
   a = synthetic.llm_like(jax.random.PRNGKey(1), capacity=64, dtype=jnp.bfloat16)
   b = synthetic.llm_like(jax.random.PRNGKey(1), capacity=64, dtype=jnp.bfloat16)
   assert a[0].dtype == jnp.bfloat16 and a[1].keys.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(a[1].keys, np.float32), np.asarray(b[1].keys, np.float32))
+  np.testing.assert_array_equal(np.asarray(a[1].keys, np.float32),
+                                np.asarray(b[1].keys, np.float32))
   assert isinstance(a[1], sa.KVCache)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One prepared accelerator run (see README "Benchmarks"): the test suite on the device, then
+# the comparison table at Llama-3.1-8B layer shapes, 128K tokens, f32 and bf16, as JSON.
+# Usage on a GPU machine, from the repository root: OUT=/some/dir bash benchmarks/device_check.sh
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  $PY -c "import jax; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/device.txt"
+# Tests: same suite as CI, but on the accelerator (float64 references on the host).
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider 2>&1 | tail -n 25 | tee "$OUT/pytest.txt"
+for dtype in float32 bfloat16; do
+  timeout 150 $PY -m sparse_attn --length 131072 --batch 1 --kv-heads 8 --group 4 \
+    --head-dim 128 --dtype "$dtype" --repeats 20 --json "$OUT/compare_128k_${dtype}.json" \
+    > "$OUT/compare_128k_${dtype}.txt" 2>&1
+  tail -n 30 "$OUT/compare_128k_${dtype}.txt"
+done
