@@ -15,7 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query
+from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, keep_index, no_index
 
 # float32 products stay float32 on every backend (GPUs would otherwise use TF32, whose
 # 10-bit mantissa alone costs ~1e-3 relative error). Decode attention is memory-bound,
@@ -198,16 +198,8 @@ def merge(results: Sequence[AttentionResult]) -> AttentionResult:
 def dense() -> Estimator:
   """The exact estimator: ``dense_attention`` behind the ``Estimator`` interface."""
 
-  def init(cache, key):
-    del cache, key
-    return ()
-
-  def append(index, cache):
-    del cache
-    return index
-
   def attend(q, cache, index, key):
     del index, key
     return dense_attention(q, cache)
 
-  return Estimator(init, append, attend)
+  return Estimator(no_index, keep_index, attend)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
 from sparse_attn.attention import row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.types import Estimator, check_key, check_query
+from sparse_attn.types import Estimator, check_key, check_query, keep_index, no_index
 
 
 def compact_positions(keep: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -55,14 +55,6 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
     raise ValueError(f"rate must be in (0, 1], got {rate!r}")
   check_window(sinks, local)
 
-  def init(cache, key):
-    del cache, key
-    return ()
-
-  def append(index, cache):
-    del cache
-    return index
-
   def attend(q, cache, index, key):
     del index
     check_query(q, cache)
@@ -88,4 +80,4 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
                        selected_overflow=jnp.broadcast_to(overflow[:, :, None], lse.shape)
                        .astype(jnp.float32))
 
-  return Estimator(init, append, attend)
+  return Estimator(no_index, keep_index, attend)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from sparse_attn.attention import gather_rows, group_queries, make_result, row_scores
 from sparse_attn.attention import softmax_attend
-from sparse_attn.types import Estimator, KVCache, check_query
+from sparse_attn.types import Estimator, KVCache, check_query, keep_index, no_index
 
 
 def check_window(sinks: int, local: int) -> None:
@@ -86,14 +86,6 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
   if sinks + local == 0:
     raise ValueError("streaming needs sinks + local > 0, got sinks=0 and local=0")
 
-  def init(cache, key):
-    del cache, key
-    return ()
-
-  def append(index, cache):
-    del cache
-    return index
-
   def attend(q, cache, index, key):
     del index, key
     check_query(q, cache)
@@ -104,4 +96,4 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
     out, lse, count = exact_part(q, cache, sinks, local)
     return make_result(q, out, lse, jnp.broadcast_to(count, lse.shape), cache)
 
-  return Estimator(init, append, attend)
+  return Estimator(no_index, keep_index, attend)

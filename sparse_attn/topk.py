@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
 from sparse_attn.attention import row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.types import Estimator, check_query
+from sparse_attn.types import Estimator, check_query, keep_index, no_index
 
 PREDICTORS = ("oracle",)
 
@@ -42,14 +42,6 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
   if predictor not in PREDICTORS:
     raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
   check_window(sinks, local)
-
-  def init(cache, key):
-    del cache, key
-    return ()
-
-  def append(index, cache):
-    del cache
-    return index
 
   def attend(q, cache, index, key=None):
     del index, key
@@ -80,4 +72,4 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     return make_result(q, out, lse, selected, cache,
                        read_all_keys=jnp.ones(lse.shape, jnp.bool_))
 
-  return Estimator(init, append, attend)
+  return Estimator(no_index, keep_index, attend)

@@ -62,6 +62,18 @@ class Estimator(NamedTuple):
   attend: Callable[[jax.Array, KVCache, Any, jax.Array], AttentionResult]
 
 
+def no_index(cache: KVCache, key: jax.Array) -> tuple[()]:
+  """``init`` of an estimator that keeps no index (dense, streaming, the oracles)."""
+  del cache, key
+  return ()
+
+
+def keep_index(index: Any, cache: KVCache) -> Any:
+  """``append`` of an estimator whose index does not depend on the cache's length."""
+  del cache
+  return index
+
+
 def _dtype_name(x) -> str:
   return jnp.dtype(x.dtype).name
 

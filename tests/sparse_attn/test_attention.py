@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparse_attn as sa
 from tests import reference as ref
@@ -24,7 +26,10 @@ def test_dense_matches_float64_reference_gqa_ragged():
   res = sa.dense_attention(q, cache)
   out, lse = ref.dense_attention(q, cache.keys, cache.values, cache.length)
   assert res.out.dtype == jnp.float32 and res.out.shape == q.shape
-  assert ref.relative_error(res.out, out).max() <= 1e-6
+  # 1e-6 on CPU (the CI contract). XLA:GPU's float32 exp is not correctly rounded: an
+  # H200 measured 1.1e-6 on this case, so other backends get 2e-6.
+  bound = 1e-6 if jax.default_backend() == "cpu" else 2e-6
+  assert ref.relative_error(res.out, out).max() <= bound
   np.testing.assert_allclose(np.asarray(res.lse), lse, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(res.density), 1.0)
   np.testing.assert_array_equal(np.asarray(res.stats["valid"][:, 0]), [96, 50, 1])
@@ -131,3 +136,21 @@ def test_estimator_factories_validate_arguments():
     sa.streaming(sinks=-1)
   with pytest.raises(ValueError, match="sinks \\+ local > 0"):
     sa.streaming(sinks=0, local=0)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(split=st.integers(1, 95), lengths=st.lists(st.integers(1, 96), min_size=3, max_size=3))
+def test_merge_of_any_split_equals_whole(split, lengths):
+  q, cache = random_problem(8, lengths=tuple(lengths), scale=2.0)
+  n = cache.length
+  parts = [sa.KVCache(cache.keys[:, :, :split], cache.values[:, :, :split],
+                      jnp.minimum(n, split)),
+           sa.KVCache(cache.keys[:, :, split:], cache.values[:, :, split:],
+                      jnp.maximum(n - split, 0))]
+  # A part may be empty for some rows: legal under jit, where lengths are traced.
+  merged = jax.jit(lambda q, a, b: sa.merge([sa.dense_attention(q, a),
+                                             sa.dense_attention(q, b)]))(q, *parts)
+  whole = sa.dense_attention(q, cache)
+  np.testing.assert_allclose(np.asarray(merged.out), np.asarray(whole.out), rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(merged.lse), np.asarray(whole.lse), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(merged.density), 1.0)
