@@ -9,15 +9,17 @@ Every estimator is a factory returning ``Estimator(init, append, attend)``::
   res = est.attend(q, cache, index, key)  # res.out, res.lse, res.density, res.stats
 """
 
-from sparse_attn import hash_tables, lsh
+from sparse_attn import hash_tables, key_index, lsh, predictors
 from sparse_attn.attention import dense, dense_attention, merge
 from sparse_attn.magicpig import MagicPigIndex, magicpig
 from sparse_attn.sampling import uniform
 from sparse_attn.streaming import streaming
-from sparse_attn.topk import topk
+from sparse_attn.topk import topk, topp
+from sparse_attn.vattention import vattention
 from sparse_attn.types import AttentionResult, Estimator, KVCache
 
 __all__ = [
     "AttentionResult", "Estimator", "KVCache", "MagicPigIndex", "dense", "dense_attention",
-    "hash_tables", "lsh", "magicpig", "merge", "streaming", "topk", "uniform",
+    "hash_tables", "key_index", "lsh", "magicpig", "merge", "predictors", "streaming", "topk",
+    "topp", "uniform", "vattention",
 ]

@@ -1,23 +1,35 @@
-"""``python -m sparse_attn``: the comparison table on built-in synthetic LLM-shaped attention.
+"""``python -m sparse_attn``: compare the estimators; ``verify`` vAttention's guarantee.
 
 Usage::
 
-  python -m sparse_attn                       # default sizes (about a minute on 2 cores)
+  python -m sparse_attn [compare]             # comparison table (about 30 s on 2 cores)
   python -m sparse_attn --length 65536 --json report.json
+  python -m sparse_attn verify                # coverage experiment (about 1 minute)
+  python -m sparse_attn verify --predictor simhash --trials 400
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
-from sparse_attn import compare
+import numpy as np
+
+from sparse_attn import compare, verify
 
 
-def main(argv: list[str] | None = None) -> int:
+def _positive(parser, args, names):
+  for name in names:
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def compare_main(argv: list[str]) -> int:
   defaults = compare.Config()
-  parser = argparse.ArgumentParser(prog="python -m sparse_attn", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m sparse_attn [compare]",
+                                   description="The estimators' comparison table.")
   parser.add_argument("--length", type=int, default=defaults.length, help="tokens in the cache")
   parser.add_argument("--batch", type=int, default=defaults.batch)
   parser.add_argument("--kv-heads", type=int, default=defaults.num_kv_heads)
@@ -28,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=defaults.seed)
   parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   args = parser.parse_args(argv)
-  for name in ("length", "batch", "kv_heads", "group", "head_dim", "repeats"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1")
+  _positive(parser, args, ("length", "batch", "kv_heads", "group", "head_dim", "repeats"))
   cfg = dataclasses.replace(
       defaults, length=args.length, batch=args.batch, num_kv_heads=args.kv_heads,
       group=args.group, head_dim=args.head_dim, dtype=args.dtype, repeats=args.repeats,
@@ -42,6 +52,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.json}")
   compare.check_finite(result)
   return 0
+
+
+def verify_main(argv: list[str]) -> int:
+  defaults = verify.Config()
+  parser = argparse.ArgumentParser(
+      prog="python -m sparse_attn verify",
+      description="vAttention's (epsilon, delta) coverage, per head, from flat to peaked.")
+  parser.add_argument("--length", type=int, default=defaults.length)
+  parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
+  parser.add_argument("--trials", type=int, default=defaults.trials, help="keys per head")
+  parser.add_argument("--delta", type=float, default=defaults.delta)
+  parser.add_argument("--predictor", default=defaults.predictor, choices=["oracle", "simhash"])
+  parser.add_argument("--seed", type=int, default=defaults.seed)
+  parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  args = parser.parse_args(argv)
+  _positive(parser, args, ("length", "head_dim", "trials"))
+  cfg = dataclasses.replace(defaults, length=args.length, head_dim=args.head_dim,
+                            trials=args.trials, delta=args.delta, predictor=args.predictor,
+                            seed=args.seed)
+  report = verify.run(cfg, log=print)
+  print(verify.format_report(report))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1, default=lambda x: np.asarray(x).tolist())
+    print(f"\nwrote {args.json}")
+  ok = verify.check(report)
+  print(f"\nverified: {ok}")
+  return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] == "verify":
+    return verify_main(argv[1:])
+  if argv and argv[0] == "compare":
+    argv = argv[1:]
+  return compare_main(argv)
 
 
 if __name__ == "__main__":

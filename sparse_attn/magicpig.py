@@ -32,7 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import hash_tables, lsh
+from sparse_attn import hash_tables, key_index, lsh
 from sparse_attn.attention import HIGHEST, combine_lse, gather_rows, group_queries
 from sparse_attn.attention import make_result, row_scores, softmax_attend
 from sparse_attn.sampling import compact_positions
@@ -142,11 +142,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     batch, num_kv_heads, capacity, head_dim = keys.shape
     index_planes = lsh.planes(key, head_dim, K, L, num_kv_heads if planes_per_head else None)
     if center_keys:
-      positions = jnp.arange(capacity, dtype=jnp.int32)[None, :]
-      residual = residual_mask(positions, length, sinks, local)[:, None, :, None]
-      total = jnp.sum(jnp.where(residual, keys.astype(jnp.float32), 0.0), axis=2)
-      count = jnp.sum(residual, axis=2).astype(jnp.float32)
-      key_mean = total / jnp.maximum(count, 1.0)
+      key_mean = key_index.residual_key_mean(cache, sinks, local)
     else:
       key_mean = jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
     codes, norms = hash_keys(keys, index_planes, key_mean)
@@ -155,29 +151,16 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
 
   def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
     check_cache(cache)
-    if index.codes.shape[:3] != cache.keys.shape[:3]:
-      raise ValueError(
-          f"index was built for a cache of shape [B, Hkv, S] = {tuple(index.codes.shape[:3])}, "
-          f"got cache.keys {tuple(cache.keys.shape)}")
+    key_index.check_same_cache(index.codes, cache)
     return _append(index, cache)
 
   @jax.jit
   def _append(index, cache):
     capacity = cache.keys.shape[2]
-    chunk = min(append_chunk, capacity)
-
-    def hash_chunk(idx):
-      start = jnp.clip(idx.length, 0, capacity - chunk)
-      rows = jax.vmap(lambda k, s: jax.lax.dynamic_slice_in_dim(k, s, chunk, axis=1))(
-          cache.keys, start)
-      new_codes, new_norms = hash_keys(rows, idx.planes, idx.key_mean)
-      write = jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1))
-      length = jnp.maximum(idx.length, jnp.minimum(start + chunk, cache.length))
-      return idx._replace(codes=write(idx.codes, new_codes, start),
-                          key_norms=write(idx.key_norms, new_norms, start), length=length)
-
-    index = jax.lax.while_loop(lambda idx: jnp.any(idx.length < cache.length), hash_chunk,
-                               index)
+    (codes, norms), length = key_index.append_rows(
+        (index.codes, index.key_norms), index.length, cache,
+        lambda rows: hash_keys(rows, index.planes, index.key_mean), append_chunk)
+    index = index._replace(codes=codes, key_norms=norms, length=length)
     # The tail scan covers at most `tail` tokens past the tables: rebuild when more wait.
     # One `cond` for the whole batch (under vmap it would run the sort every step).
     pending = index.length - index.table_length

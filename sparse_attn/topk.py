@@ -1,8 +1,14 @@
-"""Top-k attention: exact attention over sinks + local + the k highest-scoring others.
+"""Top-k and top-p attention: exact attention over the best-ranked tokens only.
 
-With the ``"oracle"`` predictor the scores are the exact ``q . k`` over every valid key, so
-it reads the whole cache: an upper bound on what a fast top-k predictor can reach, not a
-fast method (``stats["read_all_keys"]`` says so).
+``topk`` keeps the sinks, the local window and the ``k`` residual tokens ranked highest by
+a predictor (``sparse_attn.predictors``), and attends exactly (true keys) over them. With
+the ``"oracle"`` predictor the ranking is the exact ``q . k``, so it reads the whole cache:
+an upper bound on what a fast top-k predictor can reach, not a fast method
+(``stats["read_all_keys"]`` says so). ``topp`` is the oracle's top-p: the smallest set
+holding attention mass at least ``p``.
+
+Biased by design (the unselected tokens are dropped): these are the deterministic part of
+vAttention and the comparison points for the sampling estimators.
 """
 
 from __future__ import annotations
@@ -12,26 +18,60 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sparse_attn import predictors
 from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
 from sparse_attn.attention import row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.types import Estimator, check_query, keep_index, no_index
+from sparse_attn.types import Estimator, check_cache, check_key, check_query, keep_index
+from sparse_attn.types import no_index
 
-PREDICTORS = ("oracle",)
+
+def select_top(scores: jax.Array, eligible: jax.Array, k_max: int,
+               keep: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+  """The ``keep`` highest-scoring eligible tokens, in a static list of ``k_max``.
+
+  Args:
+    scores: ``[..., S]``, float or integer (integers must be exact in float32, < 2**24).
+    eligible: ``bool [..., S]``.
+    k_max: static list size (``<= S``).
+    keep: how many to keep (``<= k_max``), an int or an array broadcastable to ``[..., 1]``.
+
+  Returns:
+    ``(positions int32 [..., k_max], valid bool [..., k_max])``.
+  """
+  if not jnp.issubdtype(scores.dtype, jnp.floating):
+    # Small integer scores (Hamming similarities) are exact in float32, and XLA:CPU's
+    # top_k is about 20x faster on floats than on ints.
+    scores = scores.astype(jnp.float32)
+  _, positions = jax.lax.top_k(jnp.where(eligible, scores, -jnp.inf), k_max)
+  positions = positions.astype(jnp.int32)
+  rank = jnp.arange(k_max, dtype=jnp.int32).reshape((1,) * (scores.ndim - 1) + (k_max,))
+  valid = (rank < keep) & jnp.take_along_axis(eligible, positions, axis=-1)
+  return positions, valid
+
+
+def selected_scores(qg, cache, positions, all_scores, pred: predictors.Predictor):
+  """Exact scores at ``positions [B, Hkv, G, N]``: read from the oracle's full scores, or
+  computed from the gathered keys when the predictor only ranked tokens."""
+  if pred.reads_all_keys:
+    return jnp.take_along_axis(all_scores, positions, axis=-1)
+  return row_scores(qg, gather_rows(cache.keys, positions))
 
 
 def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, local: int = 64,
-         predictor: str = "oracle") -> Estimator:
+         predictor: str = "oracle", bits: int = 128) -> Estimator:
   """Top-k estimator.
 
   Args:
     k: number of residual tokens kept per query head; or
-    fraction: keep ``ceil(fraction * n)`` of the ``n`` valid tokens of each row.
+    fraction: keep ``ceil(fraction * n)`` for the ``n`` valid tokens of each row.
     sinks, local: sizes of the exact set.
-    predictor: how tokens are ranked; ``"oracle"`` (exact ``q . k``).
+    predictor: how tokens are ranked, one of ``predictors.NAMES``.
+    bits: code length of the ``"simhash"`` predictor.
 
   Returns:
-    An ``Estimator``; ``stats``: ``selected``, ``valid``, ``read_all_keys``.
+    An ``Estimator`` (its index is the predictor's state); ``stats``: ``selected``,
+    ``valid``, ``read_all_keys``.
   """
   if (k is None) == (fraction is None):
     raise ValueError(f"give exactly one of k or fraction, got k={k!r}, fraction={fraction!r}")
@@ -39,9 +79,55 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     raise ValueError(f"k must be a positive int, got {k!r}")
   if fraction is not None and not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-  if predictor not in PREDICTORS:
-    raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
   check_window(sinks, local)
+  pred = predictors.make(predictor, **({"bits": bits, "sinks": sinks, "local": local}
+                                       if predictor == "simhash" else {}))
+
+  def init(cache, key):
+    check_cache(cache)
+    if not pred.reads_all_keys:
+      check_key(key)
+    return pred.init(cache, key)
+
+  def attend(q, cache, index, key=None):
+    del key
+    check_query(q, cache)
+    return _attend(q, cache, index)
+
+  @jax.jit
+  def _attend(q, cache, index):
+    keys, values, length = cache
+    capacity = keys.shape[2]
+    qg = group_queries(q, keys.shape[1])
+    scores = pred.scores(qg, cache, index)  # [B, Hkv, G, S]
+    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+    residual = residual_mask(positions, length, sinks, local)
+    k_max = min(capacity, k if k is not None else math.ceil(fraction * capacity))
+    keep = k if k is not None else jnp.ceil(
+        fraction * length.astype(jnp.float32)).astype(jnp.int32)[:, None, None, None]
+    top_pos, top_mask = select_top(scores, residual, k_max, keep)
+    top_scores = selected_scores(qg, cache, top_pos, scores, pred)
+    out_t, lse_t = softmax_attend(top_scores, top_mask, gather_rows(values, top_pos))
+    out_e, lse_e, exact = exact_part(q, cache, sinks, local)
+    out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
+    selected = jnp.sum(top_mask, -1).astype(jnp.float32) + exact
+    return make_result(q, out, lse, selected, cache,
+                       read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
+
+  return Estimator(init, pred.append, attend)
+
+
+def topp(p: float) -> Estimator:
+  """Oracle top-p: exact attention over the smallest set of tokens holding mass >= ``p``.
+
+  Reads every key and value (an upper bound for comparisons). Ties at the threshold score
+  are all kept. ``stats``: ``selected``, ``valid``, ``read_all_keys``.
+
+  Args:
+    p: attention mass to keep, in (0, 1].
+  """
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f"p must be in (0, 1], got {p!r}")
 
   def attend(q, cache, index, key=None):
     del index, key
@@ -51,25 +137,18 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
   @jax.jit
   def _attend(q, cache):
     keys, values, length = cache
-    capacity = keys.shape[2]
-    qg = group_queries(q, keys.shape[1])
-    scores = row_scores(qg, keys)  # the oracle reads every key: [B, Hkv, G, S]
-    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
-    residual = residual_mask(positions, length, sinks, local)
-    k_max = min(capacity, k if k is not None else math.ceil(fraction * capacity))
-    top_scores, top_pos = jax.lax.top_k(jnp.where(residual, scores, -jnp.inf), k_max)
-    if k is not None:
-      keep = k
-    else:
-      keep = jnp.ceil(fraction * length.astype(jnp.float32)).astype(jnp.int32)
-      keep = keep[:, None, None, None]
-    top_mask = (jnp.arange(k_max)[None, None, None, :] < keep) & jnp.isfinite(top_scores)
-    top_pos = top_pos.astype(jnp.int32)
-    out_t, lse_t = softmax_attend(top_scores, top_mask, gather_rows(values, top_pos))
-    out_e, lse_e, exact = exact_part(q, cache, sinks, local)
-    out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
-    selected = jnp.sum(top_mask, -1).astype(jnp.float32) + exact
-    return make_result(q, out, lse, selected, cache,
+    scores = row_scores(group_queries(q, keys.shape[1]), keys)
+    positions = jnp.arange(keys.shape[2], dtype=jnp.int32)[None, None, None, :]
+    valid = positions < length[:, None, None, None]
+    masked = jnp.where(valid, scores, -jnp.inf)
+    ordered = -jnp.sort(-masked, axis=-1)  # descending
+    probs = jax.nn.softmax(ordered, axis=-1, where=jnp.isfinite(ordered))
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
+    count = jnp.sum((before < p) & jnp.isfinite(ordered), axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ordered, jnp.maximum(count - 1, 0), axis=-1)
+    mask = valid & (scores >= threshold)
+    out, lse = softmax_attend(scores, mask, values)
+    return make_result(q, out, lse, jnp.sum(mask, -1).astype(jnp.float32), cache,
                        read_all_keys=jnp.ones(lse.shape, jnp.bool_))
 
   return Estimator(no_index, keep_index, attend)

@@ -11,7 +11,8 @@ def test_main_job_prints_the_table_and_writes_json(tmp_path, capsys):
                    "--json", str(path)]) == 0
   out = capsys.readouterr().out
   for name in ("dense", "streaming", "magicpig K=10 L=150", "magicpig K=8 L=75",
-               "uniform (same density)", "topk (same density)", "temperature sweep"):
+               "uniform (same density)", "topk (same density)", "topk simhash", "topp",
+               "vattention denominator", "vattention output", "temperature sweep"):
     assert name in out
   report = json.loads(path.read_text())
   assert report["methods"]["dense"]["err_median"] < 1e-6
@@ -20,3 +21,15 @@ def test_main_job_prints_the_table_and_writes_json(tmp_path, capsys):
     d = entry["magicpig"]["density"]
     assert abs(entry["uniform"]["density"] - d) < 0.3 * d + 0.01
     assert abs(entry["topk"]["density"] - d) < 0.02
+
+
+def test_verify_subcommand_prints_per_head_tables_and_json(tmp_path, capsys):
+  path = tmp_path / "verify.json"
+  code = cli.main(["verify", "--length", "1024", "--trials", "30", "--json", str(path)])
+  out = capsys.readouterr().out
+  assert code in (0, 1) and "verified:" in out
+  assert out.count("guarantee=") == 5 and "fail rate" in out
+  report = json.loads(path.read_text())
+  assert [r["guarantee"] for r in report["results"]] == [
+      "denominator", "numerator", "numerator", "output", "output"]
+  assert len(report["results"][0]["failure_rate"]) == 8

@@ -1,0 +1,222 @@
+r"""vAttention: exact top-k plus a uniformly sampled residual, sized for an (eps, delta) bound.
+
+Deterministic set :math:`I_f` = sinks + local window + the top ``k = ceil(topk_fraction n)``
+residual tokens by a predictor. The other valid tokens form the residual :math:`R`,
+:math:`n_s = |R|`. With :math:`e_i = e^{s_i}`:
+
+1. **Base sample.** :math:`m_0 = \max(2, \lceil \mathrm{base\_rate}\, n_s \rceil)` tokens drawn
+   uniformly without replacement from :math:`R` estimate the spread :math:`\hat\sigma` of the
+   quantity being guaranteed and the totals
+   :math:`\hat D = \sum_{I_f} e_i + n_s \bar e`, :math:`\hat N = \sum_{I_f} e_i v_i + n_s \bar x`
+   (:math:`x_i = e_i v_i`).
+2. **Budget.** The residual estimate :math:`n_s \bar y_b` from a sample of size ``b`` without
+   replacement has variance :math:`n_s^2 (1/b - 1/n_s)\,\sigma^2` (finite-population
+   correction). By the CLT, :math:`P(\|\text{error}\| > z \sqrt{\mathrm{Var}}) \approx \delta`
+   with :math:`z = \Phi^{-1}(1 - \delta/2)`; requiring :math:`z\sqrt{\mathrm{Var}} \le \epsilon T`
+   for the target size ``T`` gives
+
+   .. math:: n_0 = \left(\frac{z\, n_s\, \hat\sigma}{\epsilon\, T}\right)^2, \qquad
+             b = \left\lceil \frac{n_0}{1 + (n_0 - 1)/n_s} \right\rceil
+             \ \text{clipped to}\ [m_0, n_s].
+
+3. **Estimate.** A fresh sample of size ``b`` (independent of the base sample, so that given
+   ``b`` it is a plain uniform sample and the estimate is unbiased) enters with weight
+   :math:`n_s / b`: :math:`\hat D = \sum_{I_f} e_i + \frac{n_s}{b} \sum_{\text{sample}} e_i`,
+   likewise :math:`\hat N`; the output is :math:`\hat N / \hat D`.
+
+The three guarantees differ in the variance and the target:
+
+* ``"denominator"``: :math:`P(|\hat D - D| > \epsilon D) \le \delta`; :math:`\sigma^2` is the
+  variance of :math:`e_i` over :math:`R`, :math:`T = \hat D`.
+* ``"numerator"``: :math:`P(\|\hat N - N\|_2 > \epsilon \|N\|_2) \le \delta`; :math:`\sigma^2` is
+  the trace of the covariance of :math:`x_i = e_i v_i`, :math:`T = \|\hat N\|`. For a vector
+  error :math:`g \sim \mathcal N(0, \Sigma)`,
+  :math:`P(\|g\|^2 > z^2 \operatorname{tr}\Sigma) \le P(\chi^2_1 > z^2) = \delta` whenever
+  :math:`z^2 \ge 1.54` (Szekely & Bakirov 2003: a weighted sum of chi-squares with unit total
+  weight exceeds such a threshold no more often than one chi-square), i.e. for
+  :math:`\delta \le 0.21`; larger ``delta`` is refused for this mode and the next.
+* ``"output"``: :math:`P(\|\hat o - o\|_2 > \epsilon \|o\|_2) \le \delta`, by the delta method.
+  :math:`\hat o - o = (\hat N - o \hat D) / \hat D`, and :math:`\hat N - o\hat D` is the sampling
+  error of the residual total of :math:`y_i = e_i (v_i - o)` (the exact set contributes no
+  error), so to first order :math:`\|\hat o - o\| \approx \|n_s \bar y_b - Y_R\| / D`.
+  Hence :math:`\sigma^2` = trace of the covariance of :math:`y_i` with ``o`` replaced by the base
+  estimate :math:`\hat N / \hat D`, and :math:`T = \hat D \|\hat o\| = \|\hat N\|`. The same trace
+  argument as for the numerator applies.
+
+Static shapes: one uniform priority per token and query; the ``m0_max`` (base) and ``b_max``
+(final) lowest priorities among the residual are a uniform sample without replacement, and
+all but the first ``m0`` / ``b`` are masked. When the needed ``b`` exceeds
+``max_fraction * n_s`` it is clipped there and ``stats["budget_clipped"]`` is true: the
+guarantee is then not claimed. Unlike a public reference that sampled *with* replacement
+while weighting by ``n_s / b`` (which biases :math:`\hat D` low), both samples here are
+without replacement and the weights are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attn import predictors
+from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
+from sparse_attn.attention import softmax_attend
+from sparse_attn.streaming import check_window, exact_part, residual_mask
+from sparse_attn.topk import select_top, selected_scores
+from sparse_attn.types import Estimator, check_cache, check_key, check_query
+
+GUARANTEES = ("denominator", "numerator", "output")
+
+
+def budget(n0: jax.Array, n_s: jax.Array) -> jax.Array:
+  r"""Sample size with the finite-population correction: :math:`n_0 / (1 + (n_0 - 1)/n_s)`,
+  written as :math:`n_s / (1 + (n_s - 1)/n_0)` so that :math:`n_0 = \infty` gives ``n_s``."""
+  n_s = n_s.astype(jnp.float32)
+  safe = jnp.where(n0 > 0, n0, 1.0)
+  return jnp.where(n0 > 0, n_s / (1.0 + (n_s - 1.0) / safe), 0.0)
+
+
+def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
+               topk_fraction: float = 0.02, base_rate: float = 0.02, max_fraction: float = 0.25,
+               guarantee: str = "denominator", predictor: str = "oracle",
+               bits: int = 128) -> Estimator:
+  """vAttention estimator with a verified (epsilon, delta) guarantee.
+
+  Args:
+    epsilon: relative error bound.
+    delta: failure probability.
+    sinks, local: sizes of the exact window.
+    topk_fraction: top-k tokens kept exactly, as a fraction of the valid tokens (0 allowed).
+    base_rate: base sample size, as a fraction of the residual (at least 2 tokens).
+    max_fraction: the largest sample, as a fraction of the residual; a larger need is
+      clipped and flagged in ``stats["budget_clipped"]``.
+    guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (see the module docstring).
+    predictor: top-k ranking, one of ``predictors.NAMES``.
+    bits: code length of the ``"simhash"`` predictor.
+
+  Returns:
+    An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
+    ``topk``, ``residual`` (n_s), ``base`` (m0), ``budget`` (b), ``budget_clipped``,
+    ``read`` (tokens whose rows were read beyond the predictor: exact set, top-k, base and
+    final samples), ``read_all_keys``.
+  """
+  if not epsilon > 0:
+    raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+  if guarantee not in GUARANTEES:
+    raise ValueError(f"guarantee must be one of {GUARANTEES}, got {guarantee!r}")
+  delta_max = 1.0 if guarantee == "denominator" else 0.21
+  if not 0.0 < delta < delta_max:
+    raise ValueError(f"delta must be in (0, {delta_max}) for guarantee={guarantee!r}, "
+                     f"got {delta!r}")
+  if not 0.0 <= topk_fraction < 1.0:
+    raise ValueError(f"topk_fraction must be in [0, 1), got {topk_fraction!r}")
+  if not 0.0 < base_rate <= max_fraction <= 1.0:
+    raise ValueError("need 0 < base_rate <= max_fraction <= 1, got "
+                     f"base_rate={base_rate!r}, max_fraction={max_fraction!r}")
+  check_window(sinks, local)
+  z = NormalDist().inv_cdf(1.0 - delta / 2.0)
+  pred = predictors.make(predictor, **({"bits": bits, "sinks": sinks, "local": local}
+                                       if predictor == "simhash" else {}))
+
+  def init(cache, key):
+    check_cache(cache)
+    if not pred.reads_all_keys:
+      check_key(key)
+    return pred.init(cache, key)
+
+  def attend(q, cache, index, key):
+    check_query(q, cache)
+    check_key(key)
+    return _attend(q, cache, index, key)
+
+  @jax.jit
+  def _attend(q, cache, index, key):
+    keys, values, length = cache
+    batch, num_kv_heads, capacity, _ = keys.shape
+    qg = group_queries(q, num_kv_heads)
+    shape = qg.shape[:3]  # [B, Hkv, G]
+    scores = pred.scores(qg, cache, index)
+    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+    residual = jnp.broadcast_to(residual_mask(positions, length, sinks, local),
+                                shape + (capacity,))
+
+    # Deterministic part: sinks + local (exact_part) and the predictor's top-k.
+    out_f, lse_f, exact_count = exact_part(q, cache, sinks, local)
+    parts_out, parts_lse = [out_f], [lse_f]
+    top_count = jnp.zeros(shape, jnp.float32)
+    k_max = min(capacity, math.ceil(topk_fraction * capacity))
+    if k_max > 0:
+      keep = jnp.ceil(topk_fraction * length.astype(jnp.float32)).astype(jnp.int32)
+      top_pos, top_mask = select_top(scores, residual, k_max, keep[:, None, None, None])
+      out_t, lse_t = softmax_attend(selected_scores(qg, cache, top_pos, scores, pred),
+                                    top_mask, gather_rows(values, top_pos))
+      parts_out.append(out_t)
+      parts_lse.append(lse_t)
+      top_count = jnp.sum(top_mask, -1).astype(jnp.float32)
+      residual = jnp.put_along_axis(residual, top_pos, ~top_mask & jnp.take_along_axis(
+          residual, top_pos, axis=-1), axis=-1, inplace=False)
+    out_f, lse_f = combine_lse(parts_out, parts_lse)
+    n_s = jnp.sum(residual, axis=-1, dtype=jnp.int32)
+    n_sf = n_s.astype(jnp.float32)
+
+    # Base sample: m0 uniform draws without replacement from the residual.
+    key_base, key_final = jax.random.split(key)
+    m0_max = min(capacity, max(2, math.ceil(base_rate * capacity)))
+    m0 = jnp.minimum(jnp.maximum(2, jnp.ceil(base_rate * n_sf).astype(jnp.int32)), n_s)
+    u = jax.random.uniform(key_base, shape + (capacity,))
+    base_pos, base_mask = select_top(-u, residual, m0_max, m0[..., None])
+    base_s = selected_scores(qg, cache, base_pos, scores, pred)
+    ref = jnp.maximum(lse_f, jnp.max(jnp.where(base_mask, base_s, -jnp.inf), axis=-1))
+    ref = jnp.where(jnp.isfinite(ref), ref, 0.0)  # a common scale for the e_i
+    e_base = jnp.where(base_mask, jnp.exp(base_s - ref[..., None]), 0.0)
+    m0f = jnp.maximum(m0.astype(jnp.float32), 1.0)
+    d_fixed = jnp.exp(lse_f - ref)  # sum of e_i over the deterministic part
+    d_hat = d_fixed + n_sf * jnp.sum(e_base, -1) / m0f
+    if guarantee == "denominator":
+      y = e_base[..., None]
+      target = d_hat
+    else:
+      v_base = gather_rows(values, base_pos).astype(jnp.float32)
+      x = e_base[..., None] * v_base
+      n_hat = d_fixed[..., None] * out_f + n_sf[..., None] * jnp.sum(x, -2) / m0f[..., None]
+      target = jnp.linalg.norm(n_hat, axis=-1)
+      if guarantee == "numerator":
+        y = x
+      else:
+        o_hat = n_hat / jnp.where(d_hat > 0, d_hat, 1.0)[..., None]
+        y = e_base[..., None] * (v_base - o_hat[..., None, :])
+    y = jnp.where(base_mask[..., None], y, 0.0)
+    centred = jnp.where(base_mask[..., None], y - jnp.sum(y, -2, keepdims=True)
+                        / m0f[..., None, None], 0.0)
+    variance = jnp.sum(centred**2, axis=(-2, -1)) / jnp.maximum(m0f - 1.0, 1.0)
+    n0 = jnp.where(target > 0, (z * n_sf * jnp.sqrt(variance) / (epsilon * jnp.where(
+        target > 0, target, 1.0)))**2, jnp.inf)
+    needed = jnp.clip(jnp.ceil(budget(n0, n_s)).astype(jnp.int32), m0, n_s)
+    cap = jnp.maximum(jnp.ceil(max_fraction * n_sf).astype(jnp.int32), m0)
+    clipped = needed > cap
+    b = jnp.minimum(needed, cap)
+
+    # Final sample: b fresh uniform draws without replacement, weight n_s / b.
+    b_max = min(capacity, max(m0_max, math.ceil(max_fraction * capacity)))
+    u = jax.random.uniform(key_final, shape + (capacity,))
+    final_pos, final_mask = select_top(-u, residual, b_max, b[..., None])
+    bf = jnp.maximum(b.astype(jnp.float32), 1.0)
+    log_weight = jnp.log(jnp.maximum(n_sf, 1.0) / bf)[..., None]
+    out_s, lse_s = softmax_attend(selected_scores(qg, cache, final_pos, scores, pred)
+                                  + log_weight, final_mask, gather_rows(values, final_pos))
+    out, lse = combine_lse([out_f, out_s], [lse_f, lse_s])
+
+    in_base = jnp.put_along_axis(jnp.zeros(shape + (capacity,), jnp.bool_), base_pos,
+                                 base_mask, axis=-1, inplace=False)
+    overlap = jnp.sum(final_mask & jnp.take_along_axis(in_base, final_pos, axis=-1), -1)
+    b_used = jnp.sum(final_mask, -1).astype(jnp.float32)
+    exact = jnp.broadcast_to(exact_count, shape) + top_count
+    read = exact + b_used + m0.astype(jnp.float32) - overlap.astype(jnp.float32)
+    return make_result(
+        q, out, lse, exact + b_used, cache, topk=top_count, residual=n_sf,
+        base=m0.astype(jnp.float32), budget=b_used, budget_clipped=clipped, read=read,
+        read_all_keys=jnp.full(shape, pred.reads_all_keys))
+
+  return Estimator(init, pred.append, attend)
