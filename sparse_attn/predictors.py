@@ -9,6 +9,8 @@ keys) over the best-ranked ones. Names:
   centred keys (``sparse_attn.lsh``), packed LSB-first into uint32 words. Reads ``bits / 8``
   bytes per token instead of ``2 D`` or ``4 D``. Its expectation is monotone in the angle
   between ``q`` and the centred key: ``bits * (1 - theta / pi)``.
+* ``"spotlight"``: Hamming similarity of learned ``D``-bit codes (``sparse_attn.hash_heads``),
+  summed over the GQA group, so every query of a group ranks tokens alike.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import key_index, lsh
+from sparse_attn import hash_heads, key_index, lsh
 from sparse_attn.attention import row_scores
-from sparse_attn.types import KVCache
+from sparse_attn.types import KVCache, check_key
 
-NAMES = ("oracle", "simhash")
+NAMES = ("oracle", "simhash", "spotlight")
 
 
 class Predictor(NamedTuple):
@@ -81,8 +83,12 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
     centred = keys.astype(jnp.float32) - key_mean[:, :, None, :]
     return (lsh.simhash(centred, state_planes, 32, words),)
 
-  @jax.jit
   def init(cache, key):
+    check_key(key)
+    return _init(cache, key)
+
+  @jax.jit
+  def _init(cache, key):
     head_dim = cache.keys.shape[-1]
     planes = lsh.planes(key, head_dim, 32, words)
     key_mean = key_index.residual_key_mean(cache, sinks, local)
@@ -110,10 +116,59 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
   return Predictor(init, append, scores, reads_all_keys=False)
 
 
-def make(name: str, **kwargs) -> Predictor:
-  """The predictor called ``name`` (one of ``NAMES``)."""
+class SpotlightState(NamedTuple):
+  """``params`` (hash heads), ``codes uint32 [B, Hkv, S, ceil(D/32)]``, ``length int32 [B]``."""
+
+  params: dict
+  codes: jax.Array
+  length: jax.Array
+
+
+def spotlight(params: dict, append_chunk: int = 16) -> Predictor:
+  """Learned hash codes (Spotlight), scored by Hamming similarity summed over the group."""
+  hash_heads.check_params(params)
+
+  def init(cache, key):
+    del key
+    hash_heads.check_params(params, cache.keys.shape[1], cache.keys.shape[3])
+    return _init(params, cache)
+
+  @jax.jit
+  def _init(params, cache):
+    return SpotlightState(params, hash_heads.hash(params, cache.keys), cache.length)
+
+  def append(state, cache):
+    key_index.check_same_cache(state.codes, cache)
+    return _append(state, cache)
+
+  @jax.jit
+  def _append(state, cache):
+    (codes,), length = key_index.append_rows(
+        (state.codes,), state.length, cache,
+        lambda rows: (hash_heads.hash(state.params, rows),), append_chunk)
+    return state._replace(codes=codes, length=length)
+
+  def scores(qg, cache, state):
+    batch, num_kv, group, head_dim = qg.shape
+    q_codes = hash_heads.hash(state.params, qg).reshape(batch, num_kv * group, -1)
+    sim = hash_heads.hamming_scores(q_codes, state.codes, head_dim)  # [B, Hkv, S]
+    positions = jnp.arange(cache.keys.shape[2], dtype=jnp.int32)[None, None, :]
+    sim = jnp.where(positions < state.length[:, None, None], sim, -1)
+    return jnp.broadcast_to(sim[:, :, None, :], (batch, num_kv, group, sim.shape[-1]))
+
+  return Predictor(init, append, scores, reads_all_keys=False)
+
+
+def make(name: str, bits: int = 128, sinks: int = 4, local: int = 64,
+         hash_params: dict | None = None) -> Predictor:
+  """The predictor called ``name`` (one of ``NAMES``); ``hash_params`` for "spotlight"."""
   if name == "oracle":
     return oracle()
   if name == "simhash":
-    return simhash(**kwargs)
+    return simhash(bits=bits, sinks=sinks, local=local)
+  if name == "spotlight":
+    if hash_params is None:
+      raise ValueError('predictor "spotlight" needs hash_params (sa.hash_heads.init_params, '
+                       "trained with sa.train.fit_hash_heads)")
+    return spotlight(hash_params)
   raise ValueError(f"predictor must be one of {NAMES}, got {name!r}")

@@ -63,7 +63,11 @@ def exact_part(q: jax.Array, cache: KVCache, sinks: int, local: int):
     partial result of the exact set (to merge with an estimate of the residual) and its size.
   """
   keys, values, length = cache
-  batch, num_kv_heads, capacity, _ = keys.shape
+  batch, num_kv_heads, capacity, head_dim = keys.shape
+  if sinks + local == 0:  # no exact window: an empty part (merges as nothing)
+    group = q.shape[1] // num_kv_heads
+    return (jnp.zeros((batch, num_kv_heads, group, head_dim), jnp.float32),
+            jnp.full((batch, num_kv_heads, group), -jnp.inf), jnp.zeros((batch, 1, 1)))
   positions, mask = exact_positions(length, sinks, local, capacity)
   positions = jnp.broadcast_to(positions[:, None, :], (batch, num_kv_heads, positions.shape[-1]))
   mask = mask[:, None, None, :]

@@ -22,7 +22,7 @@ from sparse_attn import predictors
 from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
 from sparse_attn.attention import row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.types import Estimator, check_cache, check_key, check_query, keep_index
+from sparse_attn.types import Estimator, check_cache, check_query, keep_index
 from sparse_attn.types import no_index
 
 
@@ -59,7 +59,8 @@ def selected_scores(qg, cache, positions, all_scores, pred: predictors.Predictor
 
 
 def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, local: int = 64,
-         predictor: str = "oracle", bits: int = 128) -> Estimator:
+         predictor: str = "oracle", bits: int = 128,
+         hash_params: dict | None = None) -> Estimator:
   """Top-k estimator.
 
   Args:
@@ -68,6 +69,7 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     sinks, local: sizes of the exact set.
     predictor: how tokens are ranked, one of ``predictors.NAMES``.
     bits: code length of the ``"simhash"`` predictor.
+    hash_params: trained hash heads of the ``"spotlight"`` predictor.
 
   Returns:
     An ``Estimator`` (its index is the predictor's state); ``stats``: ``selected``,
@@ -80,13 +82,11 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
   if fraction is not None and not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
   check_window(sinks, local)
-  pred = predictors.make(predictor, **({"bits": bits, "sinks": sinks, "local": local}
-                                       if predictor == "simhash" else {}))
+  pred = predictors.make(predictor, bits=bits, sinks=sinks, local=local,
+                         hash_params=hash_params)
 
   def init(cache, key):
     check_cache(cache)
-    if not pred.reads_all_keys:
-      check_key(key)
     return pred.init(cache, key)
 
   def attend(q, cache, index, key=None):

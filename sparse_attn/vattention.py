@@ -81,7 +81,7 @@ def budget(n0: jax.Array, n_s: jax.Array) -> jax.Array:
 def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
                topk_fraction: float = 0.02, base_rate: float = 0.02, max_fraction: float = 0.25,
                guarantee: str = "denominator", predictor: str = "oracle",
-               bits: int = 128) -> Estimator:
+               bits: int = 128, hash_params: dict | None = None) -> Estimator:
   """vAttention estimator with a verified (epsilon, delta) guarantee.
 
   Args:
@@ -95,6 +95,7 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
     guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (see the module docstring).
     predictor: top-k ranking, one of ``predictors.NAMES``.
     bits: code length of the ``"simhash"`` predictor.
+    hash_params: trained hash heads of the ``"spotlight"`` predictor.
 
   Returns:
     An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
@@ -117,13 +118,11 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
                      f"base_rate={base_rate!r}, max_fraction={max_fraction!r}")
   check_window(sinks, local)
   z = NormalDist().inv_cdf(1.0 - delta / 2.0)
-  pred = predictors.make(predictor, **({"bits": bits, "sinks": sinks, "local": local}
-                                       if predictor == "simhash" else {}))
+  pred = predictors.make(predictor, bits=bits, sinks=sinks, local=local,
+                         hash_params=hash_params)
 
   def init(cache, key):
     check_cache(cache)
-    if not pred.reads_all_keys:
-      check_key(key)
     return pred.init(cache, key)
 
   def attend(q, cache, index, key):

@@ -12,10 +12,12 @@ def test_main_job_prints_the_table_and_writes_json(tmp_path, capsys):
   out = capsys.readouterr().out
   for name in ("dense", "streaming", "magicpig K=10 L=150", "magicpig K=8 L=75",
                "uniform (same density)", "topk (same density)", "topk simhash", "topp",
-               "vattention denominator", "vattention output", "temperature sweep"):
+               "vattention denominator", "vattention output", "spotlight (trained)",
+               "linear hash (same bits, untrained)", "temperature sweep"):
     assert name in out
   report = json.loads(path.read_text())
   assert report["methods"]["dense"]["err_median"] < 1e-6
+  assert set(report["hash_top2_iou"]) == {"trained", "untrained"}
   assert len(report["sweep"]) == 10
   for entry in report["sweep"]:  # matched densities really are matched
     d = entry["magicpig"]["density"]
