@@ -11,7 +11,7 @@ PY="${PYTHON:-python3}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   $PY -c "import jax; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/device.txt"
 # Tests: same suite as CI, but on the accelerator (float64 references on the host).
-timeout 150 $PY -m pytest -q -p no:cacheprovider 2>&1 | tail -n 25 | tee "$OUT/pytest.txt"
+timeout 400 $PY -m pytest -q -p no:cacheprovider 2>&1 | tail -n 25 | tee "$OUT/pytest.txt"
 for dtype in ${DTYPES:-float32}; do
   timeout 120 $PY -m sparse_attn --length 131072 --batch 1 --kv-heads 8 --group 4 \
     --head-dim 128 --dtype "$dtype" --repeats 20 --json "$OUT/compare_128k_${dtype}.json" \

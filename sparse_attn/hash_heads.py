@@ -94,23 +94,33 @@ def hash(params: dict, x: jax.Array) -> jax.Array:  # noqa: A001 (the paper's wo
   return pack_signs(forward(params, x))
 
 
+def hamming_similarity(q_codes: jax.Array, k_codes: jax.Array, bits: int) -> jax.Array:
+  """Matching bits of packed codes: ``q_codes [..., G, W]`` against ``k_codes [..., S, W]``.
+
+  ``bits`` is the number of valid bits (``<= 32 W``; padding bits are 0 in both codes).
+
+  Returns:
+    ``int32 [..., G, S]``: ``bits - popcount(q ^ k)`` summed over words.
+  """
+  diff = jnp.bitwise_xor(q_codes[..., :, None, :], k_codes[..., None, :, :])
+  return bits - jnp.sum(jax.lax.population_count(diff), axis=-1, dtype=jnp.int32)
+
+
 def hamming_scores(q_codes: jax.Array, k_codes: jax.Array, head_dim: int) -> jax.Array:
   """Matching bits between each key and the queries of its GQA group, summed over the group.
 
   Args:
     q_codes: ``uint32 [B, Hq, W]``.
     k_codes: ``uint32 [B, Hkv, S, W]``.
-    head_dim: ``D``, the number of valid bits (padding bits are 0 in both codes).
+    head_dim: ``D``, the number of valid bits.
 
   Returns:
     ``int32 [B, Hkv, S]``: ``sum_g (D - popcount(q_g ^ k))``.
   """
   batch, num_q, words = q_codes.shape
   num_kv = k_codes.shape[1]
-  qg = q_codes.reshape(batch, num_kv, num_q // num_kv, 1, words)
-  diff = jnp.bitwise_xor(qg, k_codes[:, :, None, :, :])
-  mismatches = jnp.sum(jax.lax.population_count(diff), axis=(-1, 2), dtype=jnp.int32)
-  return (num_q // num_kv) * head_dim - mismatches
+  qg = q_codes.reshape(batch, num_kv, num_q // num_kv, words)
+  return jnp.sum(hamming_similarity(qg, k_codes, head_dim), axis=2)
 
 
 def softsign(y: jax.Array, gamma: float) -> jax.Array:

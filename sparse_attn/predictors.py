@@ -35,6 +35,7 @@ class Predictor(NamedTuple):
   append: Callable[[Any, KVCache], Any]
   scores: Callable[[jax.Array, KVCache, Any], jax.Array]
   reads_all_keys: bool
+  shared_by_group: bool = False  # every query of a GQA group gets the same scores
 
 
 class SimHashState(NamedTuple):
@@ -47,15 +48,29 @@ class SimHashState(NamedTuple):
   length: jax.Array
 
 
-def hamming_similarity(q_codes: jax.Array, k_codes: jax.Array) -> jax.Array:
-  """Matching bits of packed codes: ``q_codes [..., G, W]`` against ``k_codes [..., S, W]``.
+def rank_unhashed_last(sim: jax.Array, length: jax.Array) -> jax.Array:
+  """Scores ``[B, ..., S]`` of tokens not hashed yet (at or past ``length [B]``: written to
+  the cache but not appended) become -1, below every real similarity."""
+  positions = jnp.arange(sim.shape[-1], dtype=jnp.int32).reshape((1,) * (sim.ndim - 1) + (-1,))
+  hashed = positions < length.reshape(length.shape + (1,) * (sim.ndim - 1))
+  return jnp.where(hashed, sim, -1)
 
-  Returns:
-    ``int32 [..., G, S]``, ``32 W - popcount(q ^ k)`` summed over words.
-  """
-  diff = jnp.bitwise_xor(q_codes[..., :, None, :], k_codes[..., None, :, :])
-  mismatches = jnp.sum(jax.lax.population_count(diff), axis=-1, dtype=jnp.int32)
-  return 32 * q_codes.shape[-1] - mismatches
+
+def code_appender(derive, append_chunk: int):
+  """``append`` for states with ``codes [B, Hkv, S, W]`` and ``length``: derives the codes
+  of the new tokens only, ``derive(state, keys [B, Hkv, n, D]) -> codes``."""
+
+  @jax.jit
+  def _append(state, cache):
+    (codes,), length = key_index.append_rows(
+        (state.codes,), state.length, cache, lambda rows: (derive(state, rows),), append_chunk)
+    return state._replace(codes=codes, length=length)
+
+  def append(state, cache):
+    key_index.check_same_cache(state.codes, cache)
+    return _append(state, cache)
+
+  return append
 
 
 def oracle() -> Predictor:
@@ -81,7 +96,7 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
 
   def hash_keys(keys, state_planes, key_mean):
     centred = keys.astype(jnp.float32) - key_mean[:, :, None, :]
-    return (lsh.simhash(centred, state_planes, 32, words),)
+    return lsh.simhash(centred, state_planes, 32, words)
 
   def init(cache, key):
     check_key(key)
@@ -92,27 +107,15 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
     head_dim = cache.keys.shape[-1]
     planes = lsh.planes(key, head_dim, 32, words)
     key_mean = key_index.residual_key_mean(cache, sinks, local)
-    (codes,) = hash_keys(cache.keys, planes, key_mean)
-    return SimHashState(planes, key_mean, codes, cache.length)
-
-  def append(state, cache):
-    key_index.check_same_cache(state.codes, cache)
-    return _append(state, cache)
-
-  @jax.jit
-  def _append(state, cache):
-    (codes,), length = key_index.append_rows(
-        (state.codes,), state.length, cache,
-        lambda rows: hash_keys(rows, state.planes, state.key_mean), append_chunk)
-    return state._replace(codes=codes, length=length)
+    return SimHashState(planes, key_mean, hash_keys(cache.keys, planes, key_mean), cache.length)
 
   def scores(qg, cache, state):
     q_codes = lsh.simhash(qg, state.planes, 32, words)  # [B, Hkv, G, W]
-    sim = hamming_similarity(q_codes, state.codes)
-    # Tokens not hashed yet (written to the cache, not appended) rank below every other.
-    positions = jnp.arange(cache.keys.shape[2], dtype=jnp.int32)[None, None, None, :]
-    return jnp.where(positions < state.length[:, None, None, None], sim, -1)
+    return rank_unhashed_last(hash_heads.hamming_similarity(q_codes, state.codes, bits),
+                              state.length)
 
+  append = code_appender(lambda state, rows: hash_keys(rows, state.planes, state.key_mean),
+                         append_chunk)
   return Predictor(init, append, scores, reads_all_keys=False)
 
 
@@ -137,26 +140,15 @@ def spotlight(params: dict, append_chunk: int = 16) -> Predictor:
   def _init(params, cache):
     return SpotlightState(params, hash_heads.hash(params, cache.keys), cache.length)
 
-  def append(state, cache):
-    key_index.check_same_cache(state.codes, cache)
-    return _append(state, cache)
-
-  @jax.jit
-  def _append(state, cache):
-    (codes,), length = key_index.append_rows(
-        (state.codes,), state.length, cache,
-        lambda rows: (hash_heads.hash(state.params, rows),), append_chunk)
-    return state._replace(codes=codes, length=length)
-
   def scores(qg, cache, state):
     batch, num_kv, group, head_dim = qg.shape
     q_codes = hash_heads.hash(state.params, qg).reshape(batch, num_kv * group, -1)
     sim = hash_heads.hamming_scores(q_codes, state.codes, head_dim)  # [B, Hkv, S]
-    positions = jnp.arange(cache.keys.shape[2], dtype=jnp.int32)[None, None, :]
-    sim = jnp.where(positions < state.length[:, None, None], sim, -1)
+    sim = rank_unhashed_last(sim, state.length)
     return jnp.broadcast_to(sim[:, :, None, :], (batch, num_kv, group, sim.shape[-1]))
 
-  return Predictor(init, append, scores, reads_all_keys=False)
+  append = code_appender(lambda state, rows: hash_heads.hash(state.params, rows), append_chunk)
+  return Predictor(init, append, scores, reads_all_keys=False, shared_by_group=True)
 
 
 def make(name: str, bits: int = 128, sinks: int = 4, local: int = 64,

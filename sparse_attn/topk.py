@@ -59,21 +59,24 @@ def selected_scores(qg, cache, positions, all_scores, pred: predictors.Predictor
 
 
 def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, local: int = 64,
-         predictor: str = "oracle", bits: int = 128,
-         hash_params: dict | None = None) -> Estimator:
+         predictor: str = "oracle", bits: int = 128, hash_params: dict | None = None,
+         min_tokens: int = 0) -> Estimator:
   """Top-k estimator.
 
   Args:
     k: number of residual tokens kept per query head; or
-    fraction: keep ``ceil(fraction * n)`` for the ``n`` valid tokens of each row.
+    fraction: keep ``max(min(n, min_tokens), ceil(fraction * n))`` for the ``n`` valid
+      tokens of each row.
     sinks, local: sizes of the exact set.
     predictor: how tokens are ranked, one of ``predictors.NAMES``.
     bits: code length of the ``"simhash"`` predictor.
     hash_params: trained hash heads of the ``"spotlight"`` predictor.
+    min_tokens: with ``fraction``, keep at least ``min(n, min_tokens)`` tokens.
 
   Returns:
     An ``Estimator`` (its index is the predictor's state); ``stats``: ``selected``,
-    ``valid``, ``read_all_keys``.
+    ``valid``, ``read_all_keys``. When the predictor scores a GQA group alike
+    (``"spotlight"``), the group shares one selection and its rows are gathered once.
   """
   if (k is None) == (fraction is None):
     raise ValueError(f"give exactly one of k or fraction, got k={k!r}, fraction={fraction!r}")
@@ -81,11 +84,13 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     raise ValueError(f"k must be a positive int, got {k!r}")
   if fraction is not None and not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+  if not isinstance(min_tokens, int) or min_tokens < 0:
+    raise ValueError(f"min_tokens must be a non-negative int, got {min_tokens!r}")
   check_window(sinks, local)
   pred = predictors.make(predictor, bits=bits, sinks=sinks, local=local,
                          hash_params=hash_params)
 
-  def init(cache, key):
+  def init(cache, key=None):  # only the "simhash" predictor draws from the key
     check_cache(cache)
     return pred.init(cache, key)
 
@@ -100,17 +105,27 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     capacity = keys.shape[2]
     qg = group_queries(q, keys.shape[1])
     scores = pred.scores(qg, cache, index)  # [B, Hkv, G, S]
+    if pred.shared_by_group:
+      scores = scores[:, :, :1]
     positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
     residual = residual_mask(positions, length, sinks, local)
-    k_max = min(capacity, k if k is not None else math.ceil(fraction * capacity))
-    keep = k if k is not None else jnp.ceil(
-        fraction * length.astype(jnp.float32)).astype(jnp.int32)[:, None, None, None]
+    if k is not None:
+      k_max, keep = min(capacity, k), k
+    else:
+      k_max = min(capacity, max(min_tokens, math.ceil(fraction * capacity)))
+      n = length.astype(jnp.float32)
+      keep = jnp.maximum(jnp.minimum(n, min_tokens), jnp.ceil(fraction * n)).astype(jnp.int32)
+      keep = keep[:, None, None, None]
     top_pos, top_mask = select_top(scores, residual, k_max, keep)
-    top_scores = selected_scores(qg, cache, top_pos, scores, pred)
+    if pred.shared_by_group:  # one list per KV head: its rows are gathered once
+      top_pos = top_pos[:, :, 0]
+      top_scores = row_scores(qg, gather_rows(keys, top_pos))
+    else:
+      top_scores = selected_scores(qg, cache, top_pos, scores, pred)
     out_t, lse_t = softmax_attend(top_scores, top_mask, gather_rows(values, top_pos))
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
-    selected = jnp.sum(top_mask, -1).astype(jnp.float32) + exact
+    selected = jnp.broadcast_to(jnp.sum(top_mask, -1).astype(jnp.float32) + exact, lse.shape)
     return make_result(q, out, lse, selected, cache,
                        read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
 

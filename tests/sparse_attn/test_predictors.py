@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
-from sparse_attn import lsh, predictors, synthetic
+from sparse_attn import hash_heads, lsh, predictors, synthetic
 from tests import reference as ref
 
 
@@ -19,7 +19,7 @@ def test_hamming_similarity_counts_equal_bits():
   rng = np.random.default_rng(0)
   q = rng.integers(0, 2**32, size=(3, 2, 4), dtype=np.uint64).astype(np.uint32)
   k = rng.integers(0, 2**32, size=(3, 50, 4), dtype=np.uint64).astype(np.uint32)
-  got = np.asarray(predictors.hamming_similarity(jnp.asarray(q), jnp.asarray(k)))
+  got = np.asarray(hash_heads.hamming_similarity(jnp.asarray(q), jnp.asarray(k), 128))
   bits = lambda x: np.unpackbits(x.view(np.uint8), axis=-1)  # noqa: E731
   want = (bits(q)[:, :, None, :] == bits(k)[:, None, :, :]).sum(-1)
   np.testing.assert_array_equal(got, want)
