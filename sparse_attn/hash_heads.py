@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import hamming_scores as pallas_hamming
+from pallas_kernels import pack_signs as pallas_pack_signs
 from sparse_attn.attention import HIGHEST
 
 INIT_STD = 0.001
@@ -79,14 +81,11 @@ def forward(params: dict, x: jax.Array) -> jax.Array:
 
 
 def pack_signs(y: jax.Array) -> jax.Array:
-  """``[..., D]`` -> ``uint32 [..., ceil(D/32)]``: bit ``j`` of word ``w`` is ``y[32w+j] > 0``."""
-  d = y.shape[-1]
-  words = math.ceil(d / 32)
-  bits = (y > 0).astype(jnp.uint32)
-  bits = jnp.pad(bits, [(0, 0)] * (y.ndim - 1) + [(0, 32 * words - d)])
-  bits = bits.reshape(y.shape[:-1] + (words, 32))
-  shifts = jnp.arange(32, dtype=jnp.uint32).reshape((1,) * (bits.ndim - 1) + (32,))
-  return jnp.sum(jnp.left_shift(bits, shifts), axis=-1, dtype=jnp.uint32)
+  """``[..., D]`` -> ``uint32 [..., ceil(D/32)]``: bit ``j`` of word ``w`` is ``y[32w+j] > 0``.
+
+  The Pallas kernel where verified (``pallas_kernels.backend``), else its jnp twin.
+  """
+  return pallas_pack_signs.pack_signs(y)
 
 
 def hash(params: dict, x: jax.Array) -> jax.Array:  # noqa: A001 (the paper's word)
@@ -106,21 +105,23 @@ def hamming_similarity(q_codes: jax.Array, k_codes: jax.Array, bits: int) -> jax
   return bits - jnp.sum(jax.lax.population_count(diff), axis=-1, dtype=jnp.int32)
 
 
-def hamming_scores(q_codes: jax.Array, k_codes: jax.Array, head_dim: int) -> jax.Array:
+def hamming_scores(q_codes: jax.Array, k_codes: jax.Array, head_dim: int,
+                   length: jax.Array | None = None) -> jax.Array:
   """Matching bits between each key and the queries of its GQA group, summed over the group.
 
   Args:
     q_codes: ``uint32 [B, Hq, W]``.
     k_codes: ``uint32 [B, Hkv, S, W]``.
     head_dim: ``D``, the number of valid bits.
+    length: ``int32 [B]``; tokens at or past it score -1 (default: all ``S`` valid).
 
   Returns:
-    ``int32 [B, Hkv, S]``: ``sum_g (D - popcount(q_g ^ k))``.
+    ``int32 [B, Hkv, S]``: ``sum_g (D - popcount(q_g ^ k))``. The Pallas kernel where
+    verified (``pallas_kernels.backend``), else its jnp twin.
   """
-  batch, num_q, words = q_codes.shape
-  num_kv = k_codes.shape[1]
-  qg = q_codes.reshape(batch, num_kv, num_q // num_kv, words)
-  return jnp.sum(hamming_similarity(qg, k_codes, head_dim), axis=2)
+  if length is None:
+    length = jnp.full((k_codes.shape[0],), k_codes.shape[2], jnp.int32)
+  return pallas_hamming.hamming_scores(q_codes, k_codes, length, head_dim)
 
 
 def softsign(y: jax.Array, gamma: float) -> jax.Array:

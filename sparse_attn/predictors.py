@@ -143,8 +143,8 @@ def spotlight(params: dict, append_chunk: int = 16) -> Predictor:
   def scores(qg, cache, state):
     batch, num_kv, group, head_dim = qg.shape
     q_codes = hash_heads.hash(state.params, qg).reshape(batch, num_kv * group, -1)
-    sim = hash_heads.hamming_scores(q_codes, state.codes, head_dim)  # [B, Hkv, S]
-    sim = rank_unhashed_last(sim, state.length)
+    # [B, Hkv, S]; tokens not hashed yet (not appended) score -1, below every other.
+    sim = hash_heads.hamming_scores(q_codes, state.codes, head_dim, state.length)
     return jnp.broadcast_to(sim[:, :, None, :], (batch, num_kv, group, sim.shape[-1]))
 
   append = code_appender(lambda state, rows: hash_heads.hash(state.params, rows), append_chunk)

@@ -104,3 +104,15 @@ def test_training_raises_iou_over_the_identity_hash(tmp_path):
   loaded = train.load_params(path)
   for name in ("w", "b"):
     np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(params[name]))
+
+
+def test_spotlight_through_the_pallas_kernels_in_interpret_mode(monkeypatch):
+  q, cache = problem()
+  params = trained_like_params()
+  monkeypatch.setenv("SPARSE_ATTN_PALLAS", "1")  # kernels (interpreted on CPU)
+  est = sa.spotlight(params)
+  with_kernels = est.attend(q, cache, est.init(cache))
+  monkeypatch.setenv("SPARSE_ATTN_PALLAS", "0")  # jnp references
+  est = sa.spotlight(params)
+  reference = est.attend(q, cache, est.init(cache))
+  np.testing.assert_array_equal(np.asarray(with_kernels.out), np.asarray(reference.out))

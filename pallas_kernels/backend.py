@@ -1,0 +1,61 @@
+"""The one place that knows which backend runs a kernel, and how.
+
+* CPU: Pallas runs only in interpret mode (``interpret=True``), which is slow; the estimators
+  use each kernel's ``*_reference`` twin there instead.
+* GPU: ``pallas_call`` with the Triton lowering, chosen through its compiler params. JAX 0.11
+  deprecates that lowering in favour of Mosaic GPU (``plgpu.kernel``); a Mosaic GPU path can be
+  added here without touching the kernel bodies, which use only ``jnp``/``lax`` ops.
+* TPU: ``pallas_call`` lowered through Mosaic.
+
+Kernels are used by default only on backends in ``VERIFIED``: those where a device run has
+checked the compiled kernels against their references. Set ``SPARSE_ATTN_PALLAS=1`` to use
+them anyway (or ``=0`` to never use them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.experimental import pallas as pl
+
+# Backends whose compiled kernels matched their references on a device run.
+VERIFIED: frozenset[str] = frozenset()
+
+
+def platform() -> str:
+  """``"cpu"``, ``"gpu"`` or ``"tpu"``: the default backend."""
+  return jax.default_backend()
+
+
+def use_kernels() -> bool:
+  """Whether the estimators should call the Pallas kernels (else the jnp references)."""
+  flag = os.environ.get("SPARSE_ATTN_PALLAS")
+  if flag is not None:
+    return flag not in ("", "0", "false", "False")
+  return platform() in VERIFIED
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+  """``None`` means: interpret on CPU (the only way Pallas runs there), compile elsewhere."""
+  return platform() == "cpu" if interpret is None else bool(interpret)
+
+
+def compiler_params():
+  """Per-backend compiler parameters for a compiled (not interpreted) ``pallas_call``."""
+  if platform() == "gpu":
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+  if platform() == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams()
+  return None
+
+
+def pallas_call(kernel, *, out_shape, grid, in_specs, out_specs, interpret: bool | None,
+                name: str):
+  """``pl.pallas_call`` with the backend's lowering chosen here."""
+  interpret = resolve_interpret(interpret)
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                        out_specs=out_specs, interpret=interpret, name=name,
+                        compiler_params=None if interpret else compiler_params())

@@ -1,0 +1,74 @@
+"""Hamming scoring of packed key codes against a GQA group's query codes.
+
+``scores[b, h, s] = sum_g (D - popcount(q[b, h*G + g] ^ k[b, h, s]))`` for ``s < length[b]``
+and ``-1`` past it (below every real score). Padding bits past ``D`` are 0 in both codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  tokens: int = 512  # key codes per grid step
+
+
+def hamming_scores_reference(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
+                             head_dim: int) -> jax.Array:
+  """The jnp twin (and CPU path): ``q_codes [B, Hq, W]``, ``k_codes [B, Hkv, S, W]``,
+  ``length int32 [B]`` -> ``int32 [B, Hkv, S]``."""
+  batch, num_q, words = q_codes.shape
+  num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
+  qg = q_codes.reshape(batch, num_kv, num_q // num_kv, 1, words)
+  diff = jnp.bitwise_xor(qg, k_codes[:, :, None, :, :])
+  mismatches = jnp.sum(jax.lax.population_count(diff), axis=(2, 4), dtype=jnp.int32)
+  scores = (num_q // num_kv) * head_dim - mismatches
+  positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+  return jnp.where(positions < length[:, None, None], scores, -1)
+
+
+def _kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, head_dim, block):
+  # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
+  # o_ref: [1, 1, block] int32
+  mismatches = jnp.zeros((block,), jnp.int32)
+  for g in range(group):
+    for w in range(words):
+      diff = jnp.bitwise_xor(k_ref[0, 0, :, w], q_ref[0, g, w])
+      mismatches += jax.lax.population_count(diff).astype(jnp.int32)
+  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
+  o_ref[0, 0, :] = jnp.where(positions < len_ref[0], group * head_dim - mismatches, -1)
+
+
+@functools.partial(jax.jit, static_argnames=["head_dim", "block_sizes", "interpret"])
+def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
+                          head_dim: int, block_sizes: BlockSizes = BlockSizes(),
+                          interpret: bool | None = None) -> jax.Array:
+  """The Pallas kernel: grid over (batch, KV head, token blocks); tiles any ``S``."""
+  batch, num_q, words = q_codes.shape
+  num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
+  group = num_q // num_kv
+  block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
+  return backend.pallas_call(
+      functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block),
+      out_shape=jax.ShapeDtypeStruct((batch, num_kv, capacity), jnp.int32),
+      grid=(batch, num_kv, pl.cdiv(capacity, block)),
+      in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
+                pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
+                pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
+      out_specs=pl.BlockSpec((1, 1, block), lambda b, h, s: (b, h, s)),
+      interpret=interpret, name="hamming_scores")(length.astype(jnp.int32), q_codes, k_codes)
+
+
+def hamming_scores(q_codes, k_codes, length, head_dim: int) -> jax.Array:
+  """Scores with the kernel where ``backend.use_kernels()``, else the reference."""
+  if backend.use_kernels():
+    return hamming_scores_kernel(q_codes, k_codes, length, head_dim)
+  return hamming_scores_reference(q_codes, k_codes, length, head_dim)

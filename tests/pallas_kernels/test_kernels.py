@@ -1,0 +1,56 @@
+"""Every kernel equals its jnp reference in interpret mode, on awkward shapes and dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import backend
+from pallas_kernels import hamming_scores as hs
+from pallas_kernels import pack_signs as ps
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 40), (3, 5, 64), (1, 128), (130, 96)])
+def test_pack_signs_kernel_equals_reference(shape, dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
+  x = x.at[(0,) * (len(shape) - 1)].set(0.0)  # exact zeros count as negative in both
+  got = ps.pack_signs_kernel(x, ps.BlockSizes(rows=16), interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ps.pack_signs_reference(x)))
+  assert got.dtype == jnp.uint32 and got.shape == shape[:-1] + (-(-shape[-1] // 32),)
+
+
+def test_pack_signs_reference_bit_layout():
+  x = jnp.zeros((40,)).at[jnp.array([0, 5, 31, 32, 39])].set(1.0).at[1].set(-2.0)
+  words = np.asarray(ps.pack_signs_reference(x))
+  assert words.tolist() == [(1 << 0) | (1 << 5) | (1 << 31), (1 << 0) | (1 << 7)]
+
+
+@pytest.mark.parametrize("group,dim,capacity,block", [(4, 128, 300, 64), (3, 40, 97, 32),
+                                                      (1, 64, 1000, 512)])
+def test_hamming_scores_kernel_equals_reference(group, dim, capacity, block):
+  kq, kk = jax.random.split(jax.random.PRNGKey(group))
+  q = ps.pack_signs_reference(jax.random.normal(kq, (2, 2 * group, dim)))
+  k = ps.pack_signs_reference(jax.random.normal(kk, (2, 2, capacity, dim)))
+  length = jnp.array([capacity, capacity // 3], jnp.int32)
+  got = hs.hamming_scores_kernel(q, k, length, dim, hs.BlockSizes(tokens=block), interpret=True)
+  want = hs.hamming_scores_reference(q, k, length, dim)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert (np.asarray(got)[1, :, capacity // 3:] == -1).all()
+  # The reference against numpy bit counting, independent of both.
+  bits = lambda c: np.unpackbits(np.asarray(c).view(np.uint8), axis=-1, bitorder="little")[  # noqa: E731
+      ..., :dim]
+  qb, kb = bits(q).reshape(2, 2, group, dim), bits(k)
+  matches = (qb[:, :, :, None, :] == kb[:, :, None, :, :]).sum((-1, 2))
+  np.testing.assert_array_equal(np.asarray(want)[0], matches[0])
+
+
+def test_backend_decides_interpret_and_kernel_use(monkeypatch):
+  assert backend.resolve_interpret(None) == (jax.default_backend() == "cpu")
+  assert backend.resolve_interpret(True) is True
+  monkeypatch.setenv("SPARSE_ATTN_PALLAS", "1")
+  assert backend.use_kernels()
+  monkeypatch.setenv("SPARSE_ATTN_PALLAS", "0")
+  assert not backend.use_kernels()
+  monkeypatch.delenv("SPARSE_ATTN_PALLAS")
+  assert backend.use_kernels() == (jax.default_backend() in backend.VERIFIED)
