@@ -6,6 +6,7 @@ Usage::
   python -m sparse_attn --length 65536 --json report.json
   python -m sparse_attn verify                # coverage experiment (about 1 minute)
   python -m sparse_attn verify --predictor simhash --trials 400
+  python -m sparse_attn bench --lengths 131072 --batches 1 --dtypes float32 --json b.json
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from sparse_attn import compare, verify
+from sparse_attn import bench, compare, verify
 
 
 def _positive(parser, args, names):
@@ -82,10 +83,44 @@ def verify_main(argv: list[str]) -> int:
   return 0 if ok else 1
 
 
+def bench_main(argv: list[str]) -> int:
+  defaults = bench.Config()
+  parser = argparse.ArgumentParser(
+      prog="python -m sparse_attn bench",
+      description="Decode-step time of each estimator against dense XLA attention.")
+  ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+  words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+  parser.add_argument("--lengths", type=ints, default=defaults.lengths, help="e.g. 16384,131072")
+  parser.add_argument("--batches", type=ints, default=defaults.batches, help="e.g. 1,8")
+  parser.add_argument("--dtypes", type=words, default=defaults.dtypes, help="float32,bfloat16")
+  parser.add_argument("--methods", type=words, default=defaults.methods,
+                      help=",".join(bench.Config().methods))
+  parser.add_argument("--repeats", type=int, default=defaults.repeats)
+  parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  args = parser.parse_args(argv)
+  _positive(parser, args, ("repeats",))
+  unknown = set(args.methods) - set(defaults.methods)
+  if unknown:
+    parser.error(f"unknown --methods {sorted(unknown)}; choose from {list(defaults.methods)}")
+  bad = set(args.dtypes) - {"float32", "bfloat16", "float16"}
+  if bad or min(args.lengths) < 1 or min(args.batches) < 1:
+    parser.error("--dtypes must be float32/bfloat16/float16; --lengths and --batches >= 1")
+  cfg = dataclasses.replace(defaults, lengths=args.lengths, batches=args.batches,
+                            dtypes=args.dtypes, methods=args.methods, repeats=args.repeats)
+  report = bench.run(cfg, log=print)
+  print(bench.format_report(report))
+  if args.json:
+    bench.save_json(report, args.json)
+    print(f"\nwrote {args.json}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] == "verify":
     return verify_main(argv[1:])
+  if argv and argv[0] == "bench":
+    return bench_main(argv[1:])
   if argv and argv[0] == "compare":
     argv = argv[1:]
   return compare_main(argv)

@@ -26,6 +26,7 @@ Both are zero in normal operation; non-zero means the estimate is biased low, so
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -89,6 +90,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     tail: tokens appended since the last table build that are scanned directly; the
       tables are rebuilt when more are pending.
     append_chunk: tokens hashed per step of ``append``'s loop.
+
+  ``append(index, cache)`` donates ``index`` (updated in place): keep only the returned index.
 
   Returns:
     An ``Estimator``. ``attend``'s ``stats``: ``selected`` (exact + sampled tokens),
@@ -154,7 +157,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     key_index.check_same_cache(index.codes, cache)
     return _append(index, cache)
 
-  @jax.jit
+  # The index is donated: its buffers are updated in place (a decode step must not copy
+  # an index of several hundred bytes per token). Use the returned index, not the argument.
+  @functools.partial(jax.jit, donate_argnums=0)
   def _append(index, cache):
     capacity = cache.keys.shape[2]
     (codes, norms), length = key_index.append_rows(

@@ -15,6 +15,7 @@ keys) over the best-ranked ones. Names:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -58,9 +59,10 @@ def rank_unhashed_last(sim: jax.Array, length: jax.Array) -> jax.Array:
 
 def code_appender(derive, append_chunk: int):
   """``append`` for states with ``codes [B, Hkv, S, W]`` and ``length``: derives the codes
-  of the new tokens only, ``derive(state, keys [B, Hkv, n, D]) -> codes``."""
+  of the new tokens only, ``derive(state, keys [B, Hkv, n, D]) -> codes``. The state is
+  donated (updated in place): keep only the returned state."""
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)
   def _append(state, cache):
     (codes,), length = key_index.append_rows(
         (state.codes,), state.length, cache, lambda rows: (derive(state, rows),), append_chunk)

@@ -35,3 +35,17 @@ def test_verify_subcommand_prints_per_head_tables_and_json(tmp_path, capsys):
   assert [r["guarantee"] for r in report["results"]] == [
       "denominator", "numerator", "numerator", "output", "output"]
   assert len(report["results"][0]["failure_rate"]) == 8
+
+
+def test_bench_subcommand_times_every_method_against_dense(tmp_path, capsys):
+  path = tmp_path / "bench.json"
+  assert cli.main(["bench", "--lengths", "512", "--batches", "1", "--dtypes", "float32",
+                   "--repeats", "1", "--json", str(path)]) == 0
+  out = capsys.readouterr().out
+  assert "dense (XLA)" in out and "magicpig" in out and "spotlight" in out
+  report = json.loads(path.read_text())
+  row = report["rows"][0]
+  assert max(row["speedup_vs_dense"]["dense (XLA)"], row["speedup_vs_dense"]["dense_attention"]) \
+      == 1.0
+  assert set(row["step_ms"]) == {"dense (XLA)", "dense_attention", "magicpig", "spotlight",
+                                 "topk_simhash", "vattention", "streaming"}
