@@ -193,9 +193,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     tail_pos = start[:, None] + jnp.arange(tail_size, dtype=jnp.int32)[None, :]  # [B, T]
     tail_codes = jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s, tail_size, axis=1))(
         index.codes, start)  # [B, Hkv, T, L]
-    tail_counts = jnp.sum(
-        tail_codes[:, :, None, :, :] == q_codes[:, :, :, None, :].astype(tail_codes.dtype),
-        axis=-1, dtype=jnp.int32)  # [B, Hkv, G, T]
+    tail_counts = lsh.table_match_counts(q_codes, jnp.broadcast_to(
+        tail_codes[:, :, None], q_codes.shape[:3] + tail_codes.shape[2:]))  # [B, Hkv, G, T]
     tail_new = (tail_pos >= index.table_length[:, None]) & (tail_pos < hashed[:, None])
     tail_keep = tail_new[:, None, None, :] & (tail_counts >= min_collisions)
     tail_pos = jnp.broadcast_to(tail_pos[:, None, None, :], tail_counts.shape)
