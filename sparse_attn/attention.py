@@ -15,6 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import sparse_decode_attention
 from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, keep_index, no_index
 
 # float32 products stay float32 on every backend (GPUs would otherwise use TF32, whose
@@ -56,6 +57,64 @@ def row_scores(qg: jax.Array, k_rows: jax.Array) -> jax.Array:
   if k_rows.ndim == 4:
     return jnp.einsum("bhgd,bhnd->bhgn", qg, k32, precision=HIGHEST) * scale
   return jnp.einsum("bhgd,bhgnd->bhgn", qg, k32, precision=HIGHEST) * scale
+
+
+def attend_rows(q: jax.Array, cache: KVCache, positions: jax.Array, count: jax.Array,
+                log_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Attention over listed cache rows only: the estimators' gather path.
+
+  Reads the first ``count`` listed K/V rows of each list and nothing else
+  (``pallas_kernels.sparse_decode_attention``: the Pallas kernel on verified accelerators,
+  its chunked jnp twin on CPU, which never materialises the gathered rows either).
+
+  Args:
+    q: ``[B, Hq, D]``.
+    cache: the ``KVCache``.
+    positions: ``int32 [B, Hkv, N]`` (one list per KV head, shared by its group) or
+      ``[B, Hkv, G, N]`` (one list per query head); entries in ``[0, S)``.
+    count: ``int [B, Hkv]`` or ``[B, Hkv, G]``: entries ``[0, count)`` are valid.
+    log_weights: like ``positions``, subtracted from the scores (importance weights
+      ``1/w`` enter as ``log w``); None for none.
+
+  Returns:
+    ``(out float32 [B, Hkv, G, D], lse float32 [B, Hkv, G])``, as ``softmax_attend``.
+  """
+  batch, num_q, head_dim = q.shape
+  num_kv = cache.keys.shape[1]
+  lists = positions.shape[0], -1, positions.shape[-1]
+  if log_weights is not None:
+    log_weights = log_weights.reshape(lists)
+  out, lse = sparse_decode_attention.sparse_decode_attention(
+      q, cache.keys, cache.values, positions.reshape(lists), log_weights,
+      count.reshape(batch, -1))
+  group = num_q // num_kv
+  return out.reshape(batch, num_kv, group, head_dim), lse.reshape(batch, num_kv, group)
+
+
+def listed_scores(qg: jax.Array, keys: jax.Array, positions: jax.Array, count: jax.Array,
+                  block: int = 128) -> jax.Array:
+  """``q.k / sqrt(D)`` of the first ``count`` listed rows, ``float32 [B, Hkv, G, N]`` (0 past
+  ``count``), block by block: only the valid blocks are gathered, never all ``N`` rows at once.
+
+  Args:
+    qg: ``float32 [B, Hkv, G, D]``.
+    keys: ``[B, Hkv, S, D]``.
+    positions: ``int32 [B, Hkv, G, N]``.
+    count: ``int [B, Hkv, G]``.
+  """
+  n = positions.shape[-1]
+  padded = -(-n // block) * block
+  positions = jnp.pad(positions, [(0, 0)] * 3 + [(0, padded - n)])
+
+  def body(i, scores):
+    ids = jax.lax.dynamic_slice_in_dim(positions, i * block, block, axis=3)
+    return jax.lax.dynamic_update_slice_in_dim(scores, row_scores(qg, gather_rows(keys, ids)),
+                                               i * block, axis=3)
+
+  steps = (jnp.max(count, initial=0) + block - 1) // block
+  scores = jax.lax.fori_loop(0, steps, body, jnp.zeros(positions.shape, jnp.float32))
+  rank = jnp.arange(padded, dtype=jnp.int32).reshape(1, 1, 1, padded)
+  return jnp.where(rank < count[..., None], scores, 0.0)[..., :n]
 
 
 def softmax_attend(scores: jax.Array, mask: jax.Array,

@@ -98,26 +98,27 @@ def lookup(tables: HashTables, q_codes: jax.Array,
   return ids, valid, jnp.maximum(total - capacity, 0).astype(jnp.int32)
 
 
-def first_collisions(ids: jax.Array, valid: jax.Array, num_tokens: int,
-                     min_collisions: int) -> jax.Array:
-  """Marks one entry per token that collides in at least ``min_collisions`` tables.
+def collision_counts(ids: jax.Array, valid: jax.Array, num_tokens: int,
+                     max_count: int) -> jax.Array:
+  """How many of a query's bucket entries name each token: its number of table collisions.
 
   Args:
     ids: ``int32 [H, E]`` bucket entries of ``H`` queries (from ``lookup``).
     valid: ``bool [H, E]``.
     num_tokens: the cache capacity ``S`` (ids lie in ``[0, S)``).
-    min_collisions: the threshold ``m``.
+    max_count: the largest possible count (the number of tables ``L``); the counter is the
+      narrowest unsigned type that holds it.
 
   Returns:
-    ``bool [H, E]``: True at exactly one entry of every token with >= ``m`` entries.
+    ``uint [H, S]`` counts (uint8 for ``L <= 255``).
   """
-  num_queries, capacity = ids.shape
-  # One flat counter for all queries: scatters over a flat array are several times faster
-  # on XLA:CPU than the same scatters under vmap. Slot S of each query swallows padding.
+  dtype = jnp.uint8 if max_count <= 0xFF else jnp.uint16 if max_count <= 0xFFFF else jnp.uint32
+  num_queries = ids.shape[0]
+  # One flat counter for all queries, as narrow as possible: on XLA:CPU a flat uint8
+  # scatter-add is several times faster than an int32 one or one under vmap. Slot S of each
+  # query swallows the padding entries (its count may wrap; it is dropped).
   base = (jnp.arange(num_queries, dtype=jnp.int32) * (num_tokens + 1))[:, None]
   slot = base + jnp.where(valid, ids, num_tokens)
-  size = num_queries * (num_tokens + 1)
-  counts = jnp.zeros(size, jnp.int32).at[slot].add(1, mode="promise_in_bounds")
-  entry = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), ids.shape)
-  claim = jnp.full(size, -1, jnp.int32).at[slot].max(entry, mode="promise_in_bounds")
-  return valid & (claim[slot] == entry) & (counts[slot] >= min_collisions)
+  counts = jnp.zeros(num_queries * (num_tokens + 1), dtype).at[slot].add(
+      jnp.ones((), dtype), mode="promise_in_bounds")
+  return counts.reshape(num_queries, num_tokens + 1)[:, :num_tokens]

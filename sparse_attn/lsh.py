@@ -114,17 +114,3 @@ def collision_probability(cos: jax.Array, K: int, L: int, min_collisions: int = 
   """
   check_table_shape(K, L, min_collisions)
   return inclusion_probability(table_collision_probability(cos, K), L, min_collisions)
-
-
-def table_match_counts(q_codes: jax.Array, k_codes: jax.Array) -> jax.Array:
-  """Number of tables whose code equals the query's, per token (a full scan).
-
-  Args:
-    q_codes: ``uint [..., L]``.
-    k_codes: ``uint [..., N, L]`` with the same leading shape.
-
-  Returns:
-    ``int32 [..., N]``.
-  """
-  eq = k_codes == q_codes[..., None, :].astype(k_codes.dtype)
-  return jnp.sum(eq, axis=-1, dtype=jnp.int32)

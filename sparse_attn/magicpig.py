@@ -33,10 +33,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import hash_tables, key_index, lsh
-from sparse_attn.attention import HIGHEST, combine_lse, gather_rows, group_queries
-from sparse_attn.attention import make_result, row_scores, softmax_attend
-from sparse_attn.sampling import compact_positions
+from pallas_kernels.table_match_counts import table_match_counts
+from sparse_attn import hash_tables, key_index, lsh, selection
+from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queries
+from sparse_attn.attention import listed_scores, make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
 
@@ -185,24 +185,26 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     lookup = jax.vmap(hash_tables.lookup, in_axes=(None, 0, None))  # the group's queries
     lookup = jax.vmap(jax.vmap(lookup, in_axes=(0, 0, None)), in_axes=(0, 0, None))
     ids, valid, dropped = lookup(index.tables, q_codes, num_candidates)
-    keep = hash_tables.first_collisions(
+    counts = hash_tables.collision_counts(
         ids.reshape(-1, num_candidates), valid.reshape(-1, num_candidates), capacity,
-        min_collisions).reshape(ids.shape)
-    # Tokens appended since the last build: scan their codes directly.
+        L).reshape(ids.shape[:3] + (capacity,))  # [B, Hkv, G, S]
+    # Tokens appended since the last build (not in the tables): match their codes directly
+    # and add their counts, over a window of `tail_size` positions from the tables' end.
     start = jnp.clip(index.table_length, 0, capacity - tail_size)  # [B]
+    window = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, tail_size, axis=-2))
+    batch, num_kv_heads, group = q_codes.shape[:3]
+    tail_counts = table_match_counts(
+        q_codes.reshape(batch, num_kv_heads * group, L), window(index.codes, start),
+        jnp.full((batch,), tail_size, jnp.int32)).reshape(q_codes.shape[:3] + (tail_size,))
     tail_pos = start[:, None] + jnp.arange(tail_size, dtype=jnp.int32)[None, :]  # [B, T]
-    tail_codes = jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s, tail_size, axis=1))(
-        index.codes, start)  # [B, Hkv, T, L]
-    tail_counts = lsh.table_match_counts(q_codes, jnp.broadcast_to(
-        tail_codes[:, :, None], q_codes.shape[:3] + tail_codes.shape[2:]))  # [B, Hkv, G, T]
     tail_new = (tail_pos >= index.table_length[:, None]) & (tail_pos < hashed[:, None])
-    tail_keep = tail_new[:, None, None, :] & (tail_counts >= min_collisions)
-    tail_pos = jnp.broadcast_to(tail_pos[:, None, None, :], tail_counts.shape)
-    cand = jnp.concatenate([ids, tail_pos], axis=-1)
-    keep = jnp.concatenate([keep, tail_keep], axis=-1)
-    keep &= residual_mask(cand, length, sinks, local)
-    rows, sel_mask, overflow = compact_positions(keep, num_selected)
-    sel = jnp.take_along_axis(cand, rows, axis=-1)
+    tail_counts = jnp.where(tail_new[:, None, None, :], tail_counts, 0).astype(counts.dtype)
+    add_tail = jax.vmap(lambda c, t, s: jax.lax.dynamic_update_slice_in_dim(
+        c, jax.lax.dynamic_slice_in_dim(c, s, tail_size, axis=-1) + t, s, axis=-1))
+    counts = add_tail(counts, tail_counts, start)
+    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+    keep = (counts >= min_collisions) & residual_mask(positions, length, sinks, local)
+    sel, sel_mask, overflow = selection.compact(keep, num_selected)
     return sel, sel_mask, dropped, overflow
 
   @jax.jit
@@ -219,8 +221,11 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         q_codes, index, hashed, length, num_candidates, num_selected, tail_size)
 
     # Sampled part: exact scores, importance weights 1/w from the exact centred cosine,
-    # q.(k - k_bar) = sqrt(D) s - q.k_bar, with ||k - k_bar|| stored at hashing time.
-    scores = row_scores(qg, gather_rows(keys, sel))  # [B, Hkv, G, C]
+    # q.(k - k_bar) = sqrt(D) s - q.k_bar, with ||k - k_bar|| stored at hashing time. The
+    # keys are read twice (scores for w, then the weighted attention) but only the
+    # selected rows, never all of them.
+    count = jnp.sum(sel_mask, axis=-1, dtype=jnp.int32)
+    scores = listed_scores(qg, keys, sel, count)  # [B, Hkv, G, C]
     q_mean = jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean, precision=HIGHEST)
     dots = scores * math.sqrt(head_dim) - q_mean[..., None]
     k_norms = jnp.take_along_axis(index.key_norms[:, :, None, :], sel, axis=-1,
@@ -228,8 +233,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     norms = jnp.linalg.norm(qg, axis=-1)[..., None] * k_norms
     cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
     w = lsh.collision_probability(cos, K, L, min_collisions)
-    log_w = jnp.log(jnp.maximum(w, 1e-30))
-    out_s, lse_s = softmax_attend(scores - log_w, sel_mask, gather_rows(values, sel))
+    out_s, lse_s = attend_rows(q, cache, sel, count, jnp.log(jnp.maximum(w, 1e-30)))
 
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])

@@ -13,31 +13,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
-from sparse_attn.attention import row_scores, softmax_attend
+from sparse_attn import selection
+from sparse_attn.attention import attend_rows, combine_lse, make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_key, check_query, keep_index, no_index
-
-
-def compact_positions(keep: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The first ``size`` True positions of ``keep [..., S]``, in order.
-
-  Returns:
-    ``(positions int32 [..., size], mask bool [..., size], overflow int32 [...])``, where
-    ``overflow`` counts True positions that did not fit.
-  """
-  def one(row):
-    rank = jnp.cumsum(row, dtype=jnp.int32) - 1
-    target = jnp.where(row & (rank < size), rank, size)
-    src = jnp.arange(row.shape[0], dtype=jnp.int32)
-    out = jnp.zeros(size + 1, jnp.int32).at[target].set(src, mode="promise_in_bounds")
-    total = rank[-1] + 1
-    return out[:size], jnp.arange(size) < total, jnp.maximum(total - size, 0)
-
-  flat = keep.reshape(-1, keep.shape[-1])
-  pos, mask, overflow = jax.vmap(one)(flat)
-  lead = keep.shape[:-1]
-  return pos.reshape(lead + (size,)), mask.reshape(lead + (size,)), overflow.reshape(lead)
 
 
 def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
@@ -69,10 +48,9 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
     positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
     u = jax.random.uniform(key, (batch, num_kv_heads, capacity))
     keep = (u < rate) & residual_mask(positions, length, sinks, local)
-    sel, sel_mask, overflow = compact_positions(keep, size)
-    qg = group_queries(q, num_kv_heads)
-    scores = row_scores(qg, gather_rows(keys, sel)) - math.log(rate)
-    out_s, lse_s = softmax_attend(scores, sel_mask[:, :, None, :], gather_rows(values, sel))
+    sel, sel_mask, overflow = selection.compact(keep, size)
+    out_s, lse_s = attend_rows(q, cache, sel, jnp.sum(sel_mask, axis=-1, dtype=jnp.int32))
+    lse_s = lse_s - math.log(rate)  # every sampled token has weight 1/rate
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
     sampled = jnp.broadcast_to(jnp.sum(sel_mask, -1)[:, :, None], lse.shape).astype(jnp.float32)

@@ -18,44 +18,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import predictors
-from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
-from sparse_attn.attention import row_scores, softmax_attend
+from sparse_attn import predictors, selection
+from sparse_attn.attention import attend_rows, combine_lse, group_queries
+from sparse_attn.attention import make_result, row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_cache, check_query, keep_index
 from sparse_attn.types import no_index
-
-
-def select_top(scores: jax.Array, eligible: jax.Array, k_max: int,
-               keep: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-  """The ``keep`` highest-scoring eligible tokens, in a static list of ``k_max``.
-
-  Args:
-    scores: ``[..., S]``, float or integer (integers must be exact in float32, < 2**24).
-    eligible: ``bool [..., S]``.
-    k_max: static list size (``<= S``).
-    keep: how many to keep (``<= k_max``), an int or an array broadcastable to ``[..., 1]``.
-
-  Returns:
-    ``(positions int32 [..., k_max], valid bool [..., k_max])``.
-  """
-  if not jnp.issubdtype(scores.dtype, jnp.floating):
-    # Small integer scores (Hamming similarities) are exact in float32, and XLA:CPU's
-    # top_k is about 20x faster on floats than on ints.
-    scores = scores.astype(jnp.float32)
-  _, positions = jax.lax.top_k(jnp.where(eligible, scores, -jnp.inf), k_max)
-  positions = positions.astype(jnp.int32)
-  rank = jnp.arange(k_max, dtype=jnp.int32).reshape((1,) * (scores.ndim - 1) + (k_max,))
-  valid = (rank < keep) & jnp.take_along_axis(eligible, positions, axis=-1)
-  return positions, valid
-
-
-def selected_scores(qg, cache, positions, all_scores, pred: predictors.Predictor):
-  """Exact scores at ``positions [B, Hkv, G, N]``: read from the oracle's full scores, or
-  computed from the gathered keys when the predictor only ranked tokens."""
-  if pred.reads_all_keys:
-    return jnp.take_along_axis(all_scores, positions, axis=-1)
-  return row_scores(qg, gather_rows(cache.keys, positions))
 
 
 def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, local: int = 64,
@@ -116,13 +84,11 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
       n = length.astype(jnp.float32)
       keep = jnp.maximum(jnp.minimum(n, min_tokens), jnp.ceil(fraction * n)).astype(jnp.int32)
       keep = keep[:, None, None, None]
-    top_pos, top_mask = select_top(scores, residual, k_max, keep)
-    if pred.shared_by_group:  # one list per KV head: its rows are gathered once
-      top_pos = top_pos[:, :, 0]
-      top_scores = row_scores(qg, gather_rows(keys, top_pos))
-    else:
-      top_scores = selected_scores(qg, cache, top_pos, scores, pred)
-    out_t, lse_t = softmax_attend(top_scores, top_mask, gather_rows(values, top_pos))
+    top_pos, top_mask = selection.top(scores, residual, k_max, keep)
+    count = jnp.sum(top_mask, axis=-1, dtype=jnp.int32)  # valid entries come first
+    if pred.shared_by_group:  # one list per KV head: its rows are read once for the group
+      top_pos, count = top_pos[:, :, 0], count[:, :, 0]
+    out_t, lse_t = attend_rows(q, cache, top_pos, count)
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
     selected = jnp.broadcast_to(jnp.sum(top_mask, -1).astype(jnp.float32) + exact, lse.shape)

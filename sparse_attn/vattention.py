@@ -60,14 +60,21 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import predictors
-from sparse_attn.attention import combine_lse, gather_rows, group_queries, make_result
-from sparse_attn.attention import softmax_attend
+from sparse_attn import predictors, selection
+from sparse_attn.attention import attend_rows, combine_lse, gather_rows, group_queries
+from sparse_attn.attention import make_result, row_scores
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.topk import select_top, selected_scores
 from sparse_attn.types import Estimator, check_cache, check_key, check_query
 
 GUARANTEES = ("denominator", "numerator", "output")
+
+
+def selected_scores(qg, cache, positions, all_scores, pred: predictors.Predictor):
+  """Exact scores at ``positions [B, Hkv, G, N]``: read from the oracle's full scores, or
+  computed from the gathered keys when the predictor only ranked tokens."""
+  if pred.reads_all_keys:
+    return jnp.take_along_axis(all_scores, positions, axis=-1)
+  return row_scores(qg, gather_rows(cache.keys, positions))
 
 
 def budget(n0: jax.Array, n_s: jax.Array) -> jax.Array:
@@ -148,14 +155,12 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
     k_max = min(capacity, math.ceil(topk_fraction * capacity))
     if k_max > 0:
       keep = jnp.ceil(topk_fraction * length.astype(jnp.float32)).astype(jnp.int32)
-      top_pos, top_mask = select_top(scores, residual, k_max, keep[:, None, None, None])
-      out_t, lse_t = softmax_attend(selected_scores(qg, cache, top_pos, scores, pred),
-                                    top_mask, gather_rows(values, top_pos))
+      top_pos, top_mask = selection.top(scores, residual, k_max, keep[:, None, None, None])
+      out_t, lse_t = attend_rows(q, cache, top_pos, jnp.sum(top_mask, -1, dtype=jnp.int32))
       parts_out.append(out_t)
       parts_lse.append(lse_t)
       top_count = jnp.sum(top_mask, -1).astype(jnp.float32)
-      residual = jnp.put_along_axis(residual, top_pos, ~top_mask & jnp.take_along_axis(
-          residual, top_pos, axis=-1), axis=-1, inplace=False)
+      residual &= ~selection.positions_mask(top_pos, top_mask, capacity)
     out_f, lse_f = combine_lse(parts_out, parts_lse)
     n_s = jnp.sum(residual, axis=-1, dtype=jnp.int32)
     n_sf = n_s.astype(jnp.float32)
@@ -165,7 +170,7 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
     m0_max = min(capacity, max(2, math.ceil(base_rate * capacity)))
     m0 = jnp.minimum(jnp.maximum(2, jnp.ceil(base_rate * n_sf).astype(jnp.int32)), n_s)
     u = jax.random.uniform(key_base, shape + (capacity,))
-    base_pos, base_mask = select_top(-u, residual, m0_max, m0[..., None])
+    base_pos, base_mask = selection.top(-u, residual, m0_max, m0[..., None])
     base_s = selected_scores(qg, cache, base_pos, scores, pred)
     ref = jnp.maximum(lse_f, jnp.max(jnp.where(base_mask, base_s, -jnp.inf), axis=-1))
     ref = jnp.where(jnp.isfinite(ref), ref, 0.0)  # a common scale for the e_i
@@ -200,15 +205,13 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
     # Final sample: b fresh uniform draws without replacement, weight n_s / b.
     b_max = min(capacity, max(m0_max, math.ceil(max_fraction * capacity)))
     u = jax.random.uniform(key_final, shape + (capacity,))
-    final_pos, final_mask = select_top(-u, residual, b_max, b[..., None])
+    final_pos, final_mask = selection.top(-u, residual, b_max, b[..., None])
     bf = jnp.maximum(b.astype(jnp.float32), 1.0)
-    log_weight = jnp.log(jnp.maximum(n_sf, 1.0) / bf)[..., None]
-    out_s, lse_s = softmax_attend(selected_scores(qg, cache, final_pos, scores, pred)
-                                  + log_weight, final_mask, gather_rows(values, final_pos))
+    out_s, lse_s = attend_rows(q, cache, final_pos, jnp.sum(final_mask, -1, dtype=jnp.int32))
+    lse_s = lse_s + jnp.log(jnp.maximum(n_sf, 1.0) / bf)  # every sample has weight n_s / b
     out, lse = combine_lse([out_f, out_s], [lse_f, lse_s])
 
-    in_base = jnp.put_along_axis(jnp.zeros(shape + (capacity,), jnp.bool_), base_pos,
-                                 base_mask, axis=-1, inplace=False)
+    in_base = selection.positions_mask(base_pos, base_mask, capacity)
     overlap = jnp.sum(final_mask & jnp.take_along_axis(in_base, final_pos, axis=-1), -1)
     b_used = jnp.sum(final_mask, -1).astype(jnp.float32)
     exact = jnp.broadcast_to(exact_count, shape) + top_count

@@ -8,6 +8,7 @@ import pytest
 from pallas_kernels import backend
 from pallas_kernels import hamming_scores as hs
 from pallas_kernels import pack_signs as ps
+from pallas_kernels import table_match_counts as tmc
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -54,3 +55,25 @@ def test_backend_decides_interpret_and_kernel_use(monkeypatch):
   assert not backend.use_kernels()
   monkeypatch.delenv("SPARSE_ATTN_PALLAS")
   assert backend.use_kernels() == (jax.default_backend() in backend.VERIFIED)
+
+
+@pytest.mark.parametrize("group,tables,capacity,block,dtype", [
+    (4, 7, 300, 64, jnp.uint16), (3, 5, 97, 32, jnp.uint32), (1, 2, 40, 256, jnp.uint16)])
+def test_table_match_counts_kernel_equals_reference(group, tables, capacity, block, dtype):
+  rng = np.random.default_rng(group)
+  num_kv, K = 2, 3  # 3-bit codes: plenty of matches
+  q = jnp.asarray(rng.integers(0, 2**K, size=(2, num_kv * group, tables)), jnp.uint32)
+  k = jnp.asarray(rng.integers(0, 2**K, size=(2, num_kv, capacity, tables)), dtype)
+  length = jnp.array([capacity, capacity // 3], jnp.int32)
+  got = tmc.table_match_counts_kernel(q, k, length, tmc.BlockSizes(tokens=block),
+                                      interpret=True)
+  want = tmc.table_match_counts_reference(q, k, length)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # The reference against a numpy loop, independent of both.
+  qn, kn = np.asarray(q), np.asarray(k)
+  for b in range(2):
+    for h in range(num_kv * group):
+      n = int(length[b])
+      expect = (kn[b, h // group, :n] == qn[b, h]).sum(-1)
+      np.testing.assert_array_equal(np.asarray(want)[b, h, :n], expect)
+      assert (np.asarray(want)[b, h, n:] == -1).all()

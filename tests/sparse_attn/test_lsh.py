@@ -74,14 +74,6 @@ def test_per_table_collision_rate_matches_formula_by_monte_carlo(theta):
   assert abs(float(lsh.table_collision_probability(jnp.float32(math.cos(theta)), K)) - p) < 1e-6
 
 
-def test_table_match_counts_counts_equal_codes():
-  rng = np.random.default_rng(0)
-  q = rng.integers(0, 4, size=(2, 9), dtype=np.uint32)
-  k = rng.integers(0, 4, size=(2, 30, 9), dtype=np.uint32)
-  got = np.asarray(lsh.table_match_counts(jnp.asarray(q), jnp.asarray(k)))
-  np.testing.assert_array_equal(got, (k == q[:, None, :]).sum(-1))
-
-
 def test_table_shape_validation():
   with pytest.raises(ValueError, match=r"K \(bits per table\) must be in \[1, 32\]"):
     lsh.collision_probability(0.0, 33, 10)

@@ -1,0 +1,201 @@
+r"""Decode attention over an index list: only the listed K/V rows are read.
+
+For each list ``i`` (one per KV head, shared by its GQA group, or one per query head), with
+``n = count[b, i]`` valid entries ``indices[b, i, :n]`` and per-entry log-weights
+``lw`` (importance weights ``1/w`` enter as ``-log w``):
+
+.. math::
+   s_j = q \cdot k_{idx_j} / \sqrt{D} - lw_j, \quad
+   out = \sum_j e^{s_j} v_{idx_j} / \sum_j e^{s_j}, \quad lse = \log \sum_j e^{s_j}.
+
+The list is split into ``split`` entries per program; each split walks its valid entries in
+blocks of ``block`` rows with an online softmax and returns ``(out, lse)``; the splits are
+merged outside the kernel by log-sum-exp. Blocks past ``count`` are never read, so a static
+list that is mostly padding costs only its valid part. An empty list gives ``out = 0`` and
+``lse = -inf`` (never NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  block: int = 128  # rows gathered per inner step
+  split: int = 1024  # list entries per program (a multiple of block)
+
+
+def _layout(q, keys, indices):
+  """``(lists per KV head r, queries per list g)``, validating the shapes."""
+  batch, num_q, head_dim = q.shape
+  num_kv = keys.shape[1]
+  num_lists = indices.shape[1]
+  if indices.ndim != 3 or indices.shape[0] != batch or num_lists not in (num_kv, num_q):
+    raise ValueError(f"indices must have shape [B={batch}, Hkv={num_kv} or Hq={num_q}, N], "
+                     f"got {tuple(indices.shape)}")
+  return num_lists // num_kv, num_q // num_lists
+
+
+def _merge_splits(out, lse):
+  """Log-sum-exp merge over axis 2 of ``out [B, H, P, G, D]``, ``lse [B, H, P, G]``."""
+  m = jnp.max(lse, axis=2, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse - m)  # 0 for empty splits
+  total = jnp.sum(w, axis=2)
+  safe = jnp.where(total > 0, total, 1.0)
+  merged = jnp.sum(w[..., None] * out, axis=2) / safe[..., None]
+  return merged, jnp.where(total > 0, m[:, :, 0] + jnp.log(safe), -jnp.inf)
+
+
+def _online_step(carry, s, valid, weighted_sum):
+  """One block of the online softmax over scores ``s [..., G, n]``; ``weighted_sum(p)`` is
+  ``sum_n p[..., g, n] v[n]``, shaped ``[..., G, D]``."""
+  m, l, acc = carry
+  s = jnp.where(valid, s, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+  p = jnp.where(valid, jnp.exp(s - shift[..., None]), 0.0)
+  rescale = jnp.where(jnp.isfinite(m), jnp.exp(m - shift), 0.0)
+  return (m_new, l * rescale + jnp.sum(p, axis=-1),
+          acc * rescale[..., None] + weighted_sum(p))
+
+
+def _finish(m, l, acc):
+  safe = jnp.where(l > 0, l, 1.0)
+  return acc / safe[..., None], jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
+
+
+def sparse_decode_attention_reference(q, keys, values, indices, log_weights, count,
+                                      block: int = 128):
+  """The jnp twin (and CPU path).
+
+  Args:
+    q: ``[B, Hq, D]``.
+    keys, values: ``[B, Hkv, S, D]``.
+    indices: ``int32 [B, Hkv, N]`` (one list per KV head, shared by its group) or
+      ``int32 [B, Hq, N]`` (one list per query head); entries in ``[0, S)``.
+    log_weights: ``float32`` like ``indices``, subtracted from the scores; None for 0.
+    count: ``int32 [B, Hkv or Hq]``: entries ``[0, count)`` of each list are valid.
+    block: rows gathered per loop step. Only ``ceil(max(count) / block)`` steps run, and no
+      ``[N, D]`` array of gathered rows is ever materialised.
+
+  Returns:
+    ``(out float32 [B, Hq, D], lse float32 [B, Hq])``.
+  """
+  ratio, group = _layout(q, keys, indices)
+  batch, num_q, head_dim = q.shape
+  num_kv = keys.shape[1]
+  n = indices.shape[2]
+  padded = -(-n // block) * block
+  pad = [(0, 0), (0, 0), (0, padded - n)]
+  indices = jnp.pad(indices.astype(jnp.int32), pad).reshape(batch, num_kv, ratio, padded)
+  if log_weights is not None:
+    log_weights = jnp.pad(log_weights.astype(jnp.float32), pad).reshape(indices.shape)
+  count = count.astype(jnp.int32).reshape(batch, num_kv, ratio)
+  qs = q.astype(jnp.float32).reshape(batch, num_kv, ratio, group, head_dim) / math.sqrt(head_dim)
+
+  def rows(x, ids):  # [B, Hkv, r, block] -> float32 [B, Hkv, r, block, D]
+    flat = ids.reshape(batch, num_kv, ratio * block, 1)
+    got = jnp.take_along_axis(x, flat, axis=2, mode="promise_in_bounds")
+    return got.reshape(batch, num_kv, ratio, block, head_dim).astype(jnp.float32)
+
+  def body(i, carry):
+    ids = jax.lax.dynamic_slice_in_dim(indices, i * block, block, axis=3)
+    s = jnp.einsum("bhrgd,bhrnd->bhrgn", qs, rows(keys, ids),
+                   precision=jax.lax.Precision.HIGHEST)
+    if log_weights is not None:
+      s = s - jax.lax.dynamic_slice_in_dim(log_weights, i * block, block, axis=3)[:, :, :, None]
+    position = i * block + jnp.arange(block, dtype=jnp.int32).reshape(1, 1, 1, 1, block)
+    valid = position < count[..., None, None]
+    v = rows(values, ids)
+    return _online_step(carry, s, valid, lambda p: jnp.einsum(
+        "bhrgn,bhrnd->bhrgd", p, v, precision=jax.lax.Precision.HIGHEST))
+
+  shape = (batch, num_kv, ratio, group)
+  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (head_dim,)))
+  steps = (jnp.max(count, initial=0) + block - 1) // block
+  out, lse = _finish(*jax.lax.fori_loop(0, steps, body, init))
+  return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
+
+
+def _kernel(count_ref, idx_ref, lw_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split,
+            scale):
+  # count_ref: [1, 1] int32; idx_ref, lw_ref: [1, 1, split]; q_ref: [1, 1, G, D]
+  # k_ref, v_ref: [1, 1, S, D] (rows are gathered, never copied whole)
+  # o_ref: [1, 1, 1, G, D] float32; lse_ref: [1, 1, 1, G] float32
+  begin = pl.program_id(2) * split
+  n_valid = jnp.clip(count_ref[0, 0] - begin, 0, split)
+  q = q_ref[0, 0].astype(jnp.float32) * scale  # [G, D]
+  group, head_dim = q.shape
+
+  def body(i, carry):
+    ids = idx_ref[0, 0, pl.ds(i * block, block)]  # [block] int32
+    k = k_ref[0, 0, ids, :].astype(jnp.float32)  # [block, D]
+    v = v_ref[0, 0, ids, :].astype(jnp.float32)
+    s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)  # [G, block]
+    s = s - lw_ref[0, 0, pl.ds(i * block, block)][None, :]
+    valid = (i * block + jnp.arange(block, dtype=jnp.int32))[None, :] < n_valid
+    # Elementwise products, not dots: G may be below the 16 rows a GPU dot needs.
+    return _online_step(carry, s, valid, lambda p: jnp.sum(p[:, :, None] * v[None], axis=1))
+
+  init = (jnp.full((group,), -jnp.inf, jnp.float32), jnp.zeros((group,), jnp.float32),
+          jnp.zeros((group, head_dim), jnp.float32))
+  out, lse = _finish(*jax.lax.fori_loop(0, pl.cdiv(n_valid, block), body, init))
+  o_ref[0, 0, 0] = out
+  lse_ref[0, 0, 0] = lse
+
+
+@functools.partial(jax.jit, static_argnames=["block_sizes", "interpret"])
+def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
+                                   block_sizes: BlockSizes = BlockSizes(),
+                                   interpret: bool | None = None):
+  """The Pallas kernel: grid over (batch, list, split); same contract as the reference."""
+  ratio, group = _layout(q, keys, indices)
+  batch, num_q, head_dim = q.shape
+  num_lists, n = indices.shape[1], indices.shape[2]
+  block = block_sizes.block
+  split = min(block_sizes.split, -(-n // block) * block)
+  if split % block:
+    raise ValueError(f"block_sizes.split={block_sizes.split} must be a multiple of "
+                     f"block_sizes.block={block}")
+  num_splits = -(-n // split)
+  pad = [(0, 0), (0, 0), (0, num_splits * split - n)]
+  indices = jnp.pad(indices.astype(jnp.int32), pad)
+  log_weights = (jnp.zeros(indices.shape, jnp.float32) if log_weights is None
+                 else jnp.pad(log_weights.astype(jnp.float32), pad))
+  capacity = keys.shape[2]
+  out, lse = backend.pallas_call(
+      functools.partial(_kernel, block=block, split=split, scale=1.0 / math.sqrt(head_dim)),
+      out_shape=(jax.ShapeDtypeStruct((batch, num_lists, num_splits, group, head_dim),
+                                      jnp.float32),
+                 jax.ShapeDtypeStruct((batch, num_lists, num_splits, group), jnp.float32)),
+      grid=(batch, num_lists, num_splits),
+      in_specs=[pl.BlockSpec((1, 1), lambda b, h, p: (b, h)),
+                pl.BlockSpec((1, 1, split), lambda b, h, p: (b, h, p)),
+                pl.BlockSpec((1, 1, split), lambda b, h, p: (b, h, p)),
+                pl.BlockSpec((1, 1, group, head_dim), lambda b, h, p: (b, h, 0, 0)),
+                pl.BlockSpec((1, 1, capacity, head_dim), lambda b, h, p: (b, h // ratio, 0, 0)),
+                pl.BlockSpec((1, 1, capacity, head_dim), lambda b, h, p: (b, h // ratio, 0, 0))],
+      out_specs=(pl.BlockSpec((1, 1, 1, group, head_dim), lambda b, h, p: (b, h, p, 0, 0)),
+                 pl.BlockSpec((1, 1, 1, group), lambda b, h, p: (b, h, p, 0))),
+      interpret=interpret, name="sparse_decode_attention")(
+          count.astype(jnp.int32), indices, log_weights,
+          q.reshape(batch, num_lists, group, head_dim), keys, values)
+  out, lse = _merge_splits(out, lse)
+  return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
+
+
+def sparse_decode_attention(q, keys, values, indices, log_weights, count):
+  """With the kernel where ``backend.use_kernels()``, else the reference."""
+  if backend.use_kernels():
+    return sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count)
+  return sparse_decode_attention_reference(q, keys, values, indices, log_weights, count)

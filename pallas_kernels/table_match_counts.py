@@ -1,0 +1,75 @@
+"""MagicPIG's table-match counting: in how many of ``L`` tables a token's code is the query's.
+
+``counts[b, h, s] = #{l : k_tables[b, h // G, s, l] == q_tables[b, h, l]}`` for
+``s < length[b]``, and ``-1`` past it (below every real count). A full scan (``S * L``
+compares per query): MagicPIG uses it for the tokens not yet in its bucketed tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  tokens: int = 256  # key codes per grid step
+
+
+def table_match_counts_reference(q_tables: jax.Array, k_tables: jax.Array,
+                                 length: jax.Array) -> jax.Array:
+  """The jnp twin (and CPU path): ``q_tables uint [B, Hq, L]``, ``k_tables uint
+  [B, Hkv, S, L]``, ``length int32 [B]`` -> ``int32 [B, Hq, S]``."""
+  batch, num_q, tables = q_tables.shape
+  num_kv, capacity = k_tables.shape[1], k_tables.shape[2]
+  qg = q_tables.astype(jnp.int32).reshape(batch, num_kv, num_q // num_kv, 1, tables)
+  equal = k_tables.astype(jnp.int32)[:, :, None, :, :] == qg
+  counts = jnp.sum(equal, axis=-1, dtype=jnp.int32).reshape(batch, num_q, capacity)
+  positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+  return jnp.where(positions < length[:, None, None], counts, -1)
+
+
+def _kernel(len_ref, q_ref, k_ref, o_ref, *, group, tables, block):
+  # len_ref: [1] int32; q_ref: [1, group, tables] uint; k_ref: [1, 1, block, tables] uint
+  # o_ref: [1, group, block] int32
+  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
+  for g in range(group):
+    counts = jnp.zeros((block,), jnp.int32)
+    for l in range(tables):
+      column = k_ref[0, 0, :, l].astype(jnp.int32)  # [block]
+      counts += (column == q_ref[0, g, l].astype(jnp.int32)).astype(jnp.int32)
+    o_ref[0, g, :] = jnp.where(positions < len_ref[0], counts, -1)
+
+
+@functools.partial(jax.jit, static_argnames=["block_sizes", "interpret"])
+def table_match_counts_kernel(q_tables: jax.Array, k_tables: jax.Array, length: jax.Array,
+                              block_sizes: BlockSizes = BlockSizes(),
+                              interpret: bool | None = None) -> jax.Array:
+  """The Pallas kernel: grid over (batch, KV head, token blocks); tiles any ``S``."""
+  batch, num_q, tables = q_tables.shape
+  num_kv, capacity = k_tables.shape[1], k_tables.shape[2]
+  group = num_q // num_kv
+  block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
+  return backend.pallas_call(
+      functools.partial(_kernel, group=group, tables=tables, block=block),
+      out_shape=jax.ShapeDtypeStruct((batch, num_q, capacity), jnp.int32),
+      grid=(batch, num_kv, pl.cdiv(capacity, block)),
+      in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
+                pl.BlockSpec((1, group, tables), lambda b, h, s: (b, h, 0)),
+                pl.BlockSpec((1, 1, block, tables), lambda b, h, s: (b, h, s, 0))],
+      out_specs=pl.BlockSpec((1, group, block), lambda b, h, s: (b, h, s)),
+      interpret=interpret, name="table_match_counts")(
+          length.astype(jnp.int32), q_tables, k_tables)
+
+
+def table_match_counts(q_tables, k_tables, length) -> jax.Array:
+  """Counts with the kernel where ``backend.use_kernels()``, else the reference."""
+  if backend.use_kernels():
+    return table_match_counts_kernel(q_tables, k_tables, length)
+  return table_match_counts_reference(q_tables, k_tables, length)
