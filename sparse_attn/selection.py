@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.pack_signs import pack_signs_reference
+
 _INT32_MIN = -(2**31)
 
 
@@ -30,11 +32,7 @@ def order_keys(scores: jax.Array) -> jax.Array:
 
 def _pack(mask: jax.Array) -> jax.Array:
   """``bool [..., S] -> uint32 [..., ceil(S/32)]``, bit ``j`` of word ``w`` = ``mask[32 w + j]``."""
-  pad = -mask.shape[-1] % 32
-  bits = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)]).astype(jnp.uint32)
-  bits = bits.reshape(mask.shape[:-1] + (-1, 32))
-  shifts = jnp.arange(32, dtype=jnp.uint32).reshape((1,) * (bits.ndim - 1) + (32,))
-  return jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)
+  return pack_signs_reference(mask.astype(jnp.int8))
 
 
 def _low_bits(x: jax.Array, n: jax.Array) -> jax.Array:
