@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import os
 import sys
 
 import numpy as np
@@ -115,8 +117,24 @@ def bench_main(argv: list[str]) -> int:
   return 0
 
 
+# XLA:CPU's concurrency-optimised scheduler doubles MagicPIG's compiled retrieval (36 ms
+# against 18 ms at 128K tokens on 2 cores; dense attention is unaffected, 110 against 106 ms).
+CPU_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def use_cpu_xla_flag() -> None:
+  """Adds ``CPU_XLA_FLAG`` to ``XLA_FLAGS`` before any computation, on machines without a GPU
+  plugin (the flag is for XLA:CPU, and an XLA that does not know a flag refuses to start).
+  Set ``XLA_FLAGS`` yourself, even to an empty string, to keep this off."""
+  if "XLA_FLAGS" in os.environ or any(importlib.util.find_spec(name) for name in (
+      "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")):
+    return
+  os.environ["XLA_FLAGS"] = CPU_XLA_FLAG
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  use_cpu_xla_flag()
   if argv and argv[0] == "verify":
     return verify_main(argv[1:])
   if argv and argv[0] == "bench":

@@ -135,14 +135,15 @@ def run(cfg: Config = Config(), log=print) -> dict:
           continue
         rows.append(run_one(cfg, length, batch, dtype, log))
   return {"config": dataclasses.asdict(cfg), "device": jax.devices()[0].device_kind,
-          "rows": rows, "skipped": skipped}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows, "skipped": skipped}
 
 
 def format_report(report: dict) -> str:
   methods = ["dense (XLA)", "dense_attention"] + list(report["config"]["methods"])
   lines = [f"decode step (append + attend) in ms, and speedup over the faster dense baseline; "
            f"device {report['device']}, median of {report['config']['repeats']} interleaved "
-           f"runs", f"{'n':>8}{'B':>3}{'dtype':>10}" + "".join(f"{m:>22}" for m in methods)]
+           f"runs, XLA_FLAGS={report.get('xla_flags', '')!r}",
+           f"{'n':>8}{'B':>3}{'dtype':>10}" + "".join(f"{m:>22}" for m in methods)]
   for r in report["rows"]:
     cells = "".join(f"{r['step_ms'][m]:>12.2f} ({r['speedup_vs_dense'][m]:>5.2f}x)"
                     for m in methods)

@@ -74,7 +74,7 @@ def table_collision_probability(cos: jax.Array, K: int) -> jax.Array:
 def inclusion_probability(p: jax.Array, L: int, min_collisions: int = 2) -> jax.Array:
   r"""``P(Binomial(L, p) >= m)`` for a per-table probability ``p``, accurate in float32.
 
-  Two sums of binomial terms with exact (float64) log coefficients, chosen per element:
+  Two sums of binomial terms, chosen per element:
   where the mean ``L p`` is at most ``m`` the upper tail ``sum_{j=m}^{m+63}`` (no
   cancellation, so small ``w`` keep their relative accuracy: they become importance weights
   ``1/w``), otherwise the complement ``1 - sum_{j<m}`` (``w`` is then >= about 1/2).
@@ -85,15 +85,19 @@ def inclusion_probability(p: jax.Array, L: int, min_collisions: int = 2) -> jax.
   log_p = jnp.log(jnp.maximum(p, 1e-38))
   log_q = jnp.log1p(-jnp.minimum(p, 1.0 - 1e-7))
 
-  def terms(js):
-    shape = (1,) * p.ndim + (len(js),)
-    log_comb = np.array([math.lgamma(L + 1) - math.lgamma(j + 1) - math.lgamma(L - j + 1)
-                         for j in js], np.float32).reshape(shape)
-    j = np.asarray(js, np.float32).reshape(shape)
-    return jnp.exp(log_comb + j * log_p[..., None] + (L - j) * log_q[..., None])
+  def log_term(j):  # log of C(L, j) p^j q^(L-j), with an exact (float64) log coefficient
+    log_comb = math.lgamma(L + 1) - math.lgamma(j + 1) - math.lgamma(L - j + 1)
+    return np.float32(log_comb) + j * log_p + (L - j) * log_q
 
-  upper = jnp.sum(terms(range(m, min(L, m + 63) + 1)), axis=-1)
-  lower = 1.0 - jnp.sum(terms(range(0, m)), axis=-1)
+  # Upper tail by the term ratio t_{j+1} / t_j = (L - j) / (j + 1) * p / q: one exp per
+  # element instead of one per term (64 terms; the ratios are positive, so no cancellation).
+  odds = jnp.exp(log_p - log_q)
+  term = jnp.exp(log_term(m))
+  upper = term
+  for j in range(m, min(L, m + 63)):
+    term = term * (np.float32((L - j) / (j + 1)) * odds)
+    upper = upper + term
+  lower = 1.0 - sum(jnp.exp(log_term(j)) for j in range(m))
   w = jnp.where(L * p <= m, upper, lower)
   w = jnp.where(p <= 0.0, 0.0, jnp.where(p >= 1.0, 1.0, w))
   return jnp.clip(w, 0.0, 1.0)
