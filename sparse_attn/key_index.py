@@ -68,3 +68,22 @@ def append_rows(stored: tuple[jax.Array, ...], length: jax.Array, cache: KVCache
     return arrays, jnp.maximum(done, jnp.minimum(start + chunk, cache.length))
 
   return jax.lax.while_loop(lambda c: jnp.any(c[1] < cache.length), step, (stored, length))
+
+
+def derive_all(stored: tuple[jax.Array, ...], cache: KVCache,
+               derive: Callable[[jax.Array], tuple[jax.Array, ...]],
+               floats_per_token: int) -> tuple[jax.Array, ...]:
+  """``init``'s version of ``append_rows``: derives every valid token, chunk by chunk.
+
+  Args:
+    stored: zero arrays ``[B, Hkv, S, ...]`` to fill.
+    cache: the prefilled cache.
+    derive: as in ``append_rows``.
+    floats_per_token: float32 temporaries ``derive`` holds per token and KV head (a SimHash
+      projection of ``K*L`` planes, say): chunks keep them under 256 MB, where deriving the
+      whole cache at once would hold ``B * Hkv * S`` times that.
+  """
+  batch, num_kv_heads = cache.keys.shape[:2]
+  per_token = batch * num_kv_heads * max(1, floats_per_token)
+  chunk = 1 << max(4, (2**26 // per_token).bit_length() - 1)
+  return append_rows(stored, jnp.zeros_like(cache.length), cache, derive, chunk)[0]

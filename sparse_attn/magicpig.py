@@ -148,7 +148,12 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
       key_mean = key_index.residual_key_mean(cache, sinks, local)
     else:
       key_mean = jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
-    codes, norms = hash_keys(keys, index_planes, key_mean)
+    # Chunk by chunk: all keys at once would hold a [B, Hkv, S, K*L] float32 projection
+    # (25 GB at B=8, 64K tokens, K*L=1500).
+    empty = (jnp.zeros((batch, num_kv_heads, capacity, L), jnp.uint16),
+             jnp.zeros((batch, num_kv_heads, capacity), jnp.float32))
+    codes, norms = key_index.derive_all(
+        empty, cache, lambda rows: hash_keys(rows, index_planes, key_mean), K * L + head_dim)
     return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
                          length)
 

@@ -106,10 +106,13 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
 
   @jax.jit
   def _init(cache, key):
-    head_dim = cache.keys.shape[-1]
+    batch, num_kv, capacity, head_dim = cache.keys.shape
     planes = lsh.planes(key, head_dim, 32, words)
     key_mean = key_index.residual_key_mean(cache, sinks, local)
-    return SimHashState(planes, key_mean, hash_keys(cache.keys, planes, key_mean), cache.length)
+    (codes,) = key_index.derive_all(
+        (jnp.zeros((batch, num_kv, capacity, words), jnp.uint32),), cache,
+        lambda rows: (hash_keys(rows, planes, key_mean),), bits + head_dim)
+    return SimHashState(planes, key_mean, codes, cache.length)
 
   def scores(qg, cache, state):
     q_codes = lsh.simhash(qg, state.planes, 32, words)  # [B, Hkv, G, W]
@@ -140,7 +143,11 @@ def spotlight(params: dict, append_chunk: int = 16) -> Predictor:
 
   @jax.jit
   def _init(params, cache):
-    return SpotlightState(params, hash_heads.hash(params, cache.keys), cache.length)
+    batch, num_kv, capacity, head_dim = cache.keys.shape
+    (codes,) = key_index.derive_all(
+        (jnp.zeros((batch, num_kv, capacity, -(-head_dim // 32)), jnp.uint32),), cache,
+        lambda rows: (hash_heads.hash(params, rows),), 4 * head_dim)  # the MLP's activations
+    return SpotlightState(params, codes, cache.length)
 
   def scores(qg, cache, state):
     batch, num_kv, group, head_dim = qg.shape
