@@ -74,32 +74,15 @@ def _finish(m, l, acc):
   return acc / safe[..., None], jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
 
 
-def sparse_decode_attention_reference(q, keys, values, indices, log_weights, count,
-                                      block: int = 128):
-  """The jnp twin (and CPU path).
-
-  Args:
-    q: ``[B, Hq, D]``.
-    keys, values: ``[B, Hkv, S, D]``.
-    indices: ``int32 [B, Hkv, N]`` (one list per KV head, shared by its group) or
-      ``int32 [B, Hq, N]`` (one list per query head); entries in ``[0, S)``.
-    log_weights: ``float32`` like ``indices``, subtracted from the scores; None for 0.
-    count: ``int32 [B, Hkv or Hq]``: entries ``[0, count)`` of each list are valid.
-    block: rows gathered per loop step. Only ``ceil(max(count) / block)`` steps run, and no
-      ``[N, D]`` array of gathered rows is ever materialised.
-
-  Returns:
-    ``(out float32 [B, Hq, D], lse float32 [B, Hq])``.
-  """
+def _walk(q, keys, indices, count, block, step, init_fn):
+  """Runs ``step(carry, i, ids [B, Hkv, r, block], scores [B, Hkv, r, g, block], valid)`` over
+  the blocks of the lists that hold valid entries (``ceil(max(count) / block)`` of them)."""
   ratio, group = _layout(q, keys, indices)
   batch, num_q, head_dim = q.shape
   num_kv = keys.shape[1]
-  n = indices.shape[2]
-  padded = -(-n // block) * block
-  pad = [(0, 0), (0, 0), (0, padded - n)]
-  indices = jnp.pad(indices.astype(jnp.int32), pad).reshape(batch, num_kv, ratio, padded)
-  if log_weights is not None:
-    log_weights = jnp.pad(log_weights.astype(jnp.float32), pad).reshape(indices.shape)
+  padded = -(-indices.shape[2] // block) * block
+  indices = jnp.pad(indices.astype(jnp.int32), [(0, 0), (0, 0), (0, padded - indices.shape[2])])
+  indices = indices.reshape(batch, num_kv, ratio, padded)
   count = count.astype(jnp.int32).reshape(batch, num_kv, ratio)
   qs = q.astype(jnp.float32).reshape(batch, num_kv, ratio, group, head_dim) / math.sqrt(head_dim)
 
@@ -110,21 +93,84 @@ def sparse_decode_attention_reference(q, keys, values, indices, log_weights, cou
 
   def body(i, carry):
     ids = jax.lax.dynamic_slice_in_dim(indices, i * block, block, axis=3)
-    s = jnp.einsum("bhrgd,bhrnd->bhrgn", qs, rows(keys, ids),
-                   precision=jax.lax.Precision.HIGHEST)
-    if log_weights is not None:
-      s = s - jax.lax.dynamic_slice_in_dim(log_weights, i * block, block, axis=3)[:, :, :, None]
+    scores = jnp.einsum("bhrgd,bhrnd->bhrgn", qs, rows(keys, ids),
+                        precision=jax.lax.Precision.HIGHEST)
     position = i * block + jnp.arange(block, dtype=jnp.int32).reshape(1, 1, 1, 1, block)
-    valid = position < count[..., None, None]
+    return step(carry, i, ids, scores, position < count[..., None, None], rows)
+
+  steps = (jnp.max(count, initial=0) + block - 1) // block
+  return jax.lax.fori_loop(0, steps, body, init_fn(batch, num_kv, ratio, group, padded))
+
+
+def _per_list(log_weights, ids, scores):
+  """Calls a ``log_weights`` function on one block, in the lists' layout."""
+  batch, num_kv, ratio, group, block = scores.shape
+  lw = log_weights(scores.reshape(batch, num_kv * ratio, group, block),
+                   ids.reshape(batch, num_kv * ratio, block))
+  return lw.astype(jnp.float32).reshape(batch, num_kv, ratio, 1, block)
+
+
+def sparse_decode_attention_reference(q, keys, values, indices, log_weights, count,
+                                      block: int = 128):
+  """The jnp twin (and CPU path).
+
+  Args:
+    q: ``[B, Hq, D]``.
+    keys, values: ``[B, Hkv, S, D]``.
+    indices: ``int32 [B, Hkv, N]`` (one list per KV head, shared by its group) or
+      ``int32 [B, Hq, N]`` (one list per query head); entries in ``[0, S)``.
+    log_weights: ``float32`` like ``indices``, subtracted from the scores; or None for 0;
+      or a function ``(scores [B, lists, g, n], positions [B, lists, n]) -> [B, lists, n]``
+      of the scores ``q.k / sqrt(D)`` of a block of ``n`` listed rows (``g`` queries per
+      list), for weights that depend on the scores (MagicPIG's): each block's keys are then
+      read once, for the weights and the attention together.
+    count: ``int32 [B, Hkv or Hq]``: entries ``[0, count)`` of each list are valid.
+    block: rows gathered per loop step. Only ``ceil(max(count) / block)`` steps run, and no
+      ``[N, D]`` array of gathered rows is ever materialised.
+
+  Returns:
+    ``(out float32 [B, Hq, D], lse float32 [B, Hq])``.
+  """
+  _layout(q, keys, indices)  # validates the shapes first
+  batch, num_q, head_dim = q.shape
+  n = indices.shape[2]
+  if log_weights is not None and not callable(log_weights):
+    padded = jnp.pad(log_weights.astype(jnp.float32), [(0, 0), (0, 0), (0, -n % block)])
+    table = padded.reshape(indices.shape[0], keys.shape[1], -1, padded.shape[-1])
+
+  def step(carry, i, ids, scores, valid, rows):
+    if callable(log_weights):
+      scores = scores - _per_list(log_weights, ids, scores)
+    elif log_weights is not None:
+      scores = scores - jax.lax.dynamic_slice_in_dim(table, i * block, block, axis=3)[
+          :, :, :, None]
     v = rows(values, ids)
-    return _online_step(carry, s, valid, lambda p: jnp.einsum(
+    return _online_step(carry, scores, valid, lambda p: jnp.einsum(
         "bhrgn,bhrnd->bhrgd", p, v, precision=jax.lax.Precision.HIGHEST))
 
-  shape = (batch, num_kv, ratio, group)
-  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (head_dim,)))
-  steps = (jnp.max(count, initial=0) + block - 1) // block
-  out, lse = _finish(*jax.lax.fori_loop(0, steps, body, init))
+  def init(batch, num_kv, ratio, group, padded):
+    shape = (batch, num_kv, ratio, group)
+    return jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (head_dim,))
+
+  out, lse = _finish(*_walk(q, keys, indices, count, block, step, init))
   return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
+
+
+def listed_log_weights(log_weights, q, keys, indices, count, block: int = 128):
+  """A ``log_weights`` function evaluated on every valid listed row: ``float32 [B, lists,
+  N]`` (0 past ``count``), for the kernel, which takes arrays. Reads the listed keys once."""
+  n = indices.shape[2]
+
+  def step(table, i, ids, scores, valid, rows):
+    del rows
+    lw = jnp.where(valid[:, :, :, 0], _per_list(log_weights, ids, scores)[:, :, :, 0], 0.0)
+    return jax.lax.dynamic_update_slice_in_dim(table, lw, i * block, axis=3)
+
+  def init(batch, num_kv, ratio, group, padded):
+    return jnp.zeros((batch, num_kv, ratio, padded), jnp.float32)
+
+  table = _walk(q, keys, indices, count, block, step, init)
+  return table.reshape(indices.shape[0], indices.shape[1], -1)[..., :n]
 
 
 def _kernel(count_ref, idx_ref, lw_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split,
@@ -195,7 +241,10 @@ def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
 
 
 def sparse_decode_attention(q, keys, values, indices, log_weights, count):
-  """With the kernel where ``backend.use_kernels()``, else the reference."""
+  """With the kernel where ``backend.use_kernels()``, else the reference. A ``log_weights``
+  function is evaluated per block by the reference, and up front for the kernel."""
   if backend.use_kernels():
+    if callable(log_weights):
+      log_weights = listed_log_weights(log_weights, q, keys, indices, count)
     return sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count)
   return sparse_decode_attention_reference(q, keys, values, indices, log_weights, count)

@@ -74,7 +74,8 @@ def attend_rows(q: jax.Array, cache: KVCache, positions: jax.Array, count: jax.A
       ``[B, Hkv, G, N]`` (one list per query head); entries in ``[0, S)``.
     count: ``int [B, Hkv]`` or ``[B, Hkv, G]``: entries ``[0, count)`` are valid.
     log_weights: like ``positions``, subtracted from the scores (importance weights
-      ``1/w`` enter as ``log w``); None for none.
+      ``1/w`` enter as ``log w``); None for none; or a function of each block's scores
+      (see ``sparse_decode_attention_reference``).
 
   Returns:
     ``(out float32 [B, Hkv, G, D], lse float32 [B, Hkv, G])``, as ``softmax_attend``.
@@ -82,39 +83,13 @@ def attend_rows(q: jax.Array, cache: KVCache, positions: jax.Array, count: jax.A
   batch, num_q, head_dim = q.shape
   num_kv = cache.keys.shape[1]
   lists = positions.shape[0], -1, positions.shape[-1]
-  if log_weights is not None:
+  if log_weights is not None and not callable(log_weights):
     log_weights = log_weights.reshape(lists)
   out, lse = sparse_decode_attention.sparse_decode_attention(
       q, cache.keys, cache.values, positions.reshape(lists), log_weights,
       count.reshape(batch, -1))
   group = num_q // num_kv
   return out.reshape(batch, num_kv, group, head_dim), lse.reshape(batch, num_kv, group)
-
-
-def listed_scores(qg: jax.Array, keys: jax.Array, positions: jax.Array, count: jax.Array,
-                  block: int = 128) -> jax.Array:
-  """``q.k / sqrt(D)`` of the first ``count`` listed rows, ``float32 [B, Hkv, G, N]`` (0 past
-  ``count``), block by block: only the valid blocks are gathered, never all ``N`` rows at once.
-
-  Args:
-    qg: ``float32 [B, Hkv, G, D]``.
-    keys: ``[B, Hkv, S, D]``.
-    positions: ``int32 [B, Hkv, G, N]``.
-    count: ``int [B, Hkv, G]``.
-  """
-  n = positions.shape[-1]
-  padded = -(-n // block) * block
-  positions = jnp.pad(positions, [(0, 0)] * 3 + [(0, padded - n)])
-
-  def body(i, scores):
-    ids = jax.lax.dynamic_slice_in_dim(positions, i * block, block, axis=3)
-    return jax.lax.dynamic_update_slice_in_dim(scores, row_scores(qg, gather_rows(keys, ids)),
-                                               i * block, axis=3)
-
-  steps = (jnp.max(count, initial=0) + block - 1) // block
-  scores = jax.lax.fori_loop(0, steps, body, jnp.zeros(positions.shape, jnp.float32))
-  rank = jnp.arange(padded, dtype=jnp.int32).reshape(1, 1, 1, padded)
-  return jnp.where(rank < count[..., None], scores, 0.0)[..., :n]
 
 
 def softmax_attend(scores: jax.Array, mask: jax.Array,

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from pallas_kernels.table_match_counts import table_match_counts
 from sparse_attn import hash_tables, key_index, lsh, selection
 from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queries
-from sparse_attn.attention import listed_scores, make_result
+from sparse_attn.attention import make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
 
@@ -225,20 +225,24 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     sel, sel_mask, dropped, overflow = retrieve(
         q_codes, index, hashed, length, num_candidates, num_selected, tail_size)
 
-    # Sampled part: exact scores, importance weights 1/w from the exact centred cosine,
-    # q.(k - k_bar) = sqrt(D) s - q.k_bar, with ||k - k_bar|| stored at hashing time. The
-    # keys are read twice (scores for w, then the weighted attention) but only the
-    # selected rows, never all of them.
+    # Sampled part: importance weights 1/w from the exact centred cosine of each selected
+    # key, q.(k - k_bar) = sqrt(D) s - q.k_bar with ||k - k_bar|| stored at hashing time,
+    # computed block by block from the scores of the rows being attended (each key is read
+    # once).
     count = jnp.sum(sel_mask, axis=-1, dtype=jnp.int32)
-    scores = listed_scores(qg, keys, sel, count)  # [B, Hkv, G, C]
     q_mean = jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean, precision=HIGHEST)
-    dots = scores * math.sqrt(head_dim) - q_mean[..., None]
-    k_norms = jnp.take_along_axis(index.key_norms[:, :, None, :], sel, axis=-1,
-                                  mode="promise_in_bounds")
-    norms = jnp.linalg.norm(qg, axis=-1)[..., None] * k_norms
-    cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
-    w = lsh.collision_probability(cos, K, L, min_collisions)
-    out_s, lse_s = attend_rows(q, cache, sel, count, jnp.log(jnp.maximum(w, 1e-30)))
+    q_norm = jnp.linalg.norm(qg, axis=-1)
+
+    def log_w(scores, positions):  # [B, Hq, 1, n], [B, Hq, n] -> [B, Hq, n]
+      k_norms = jnp.take_along_axis(
+          index.key_norms, positions.reshape(batch, num_kv_heads, -1), axis=-1,
+          mode="promise_in_bounds").reshape(positions.shape)
+      norms = q_norm.reshape(batch, -1, 1) * k_norms
+      dots = scores[:, :, 0] * math.sqrt(head_dim) - q_mean.reshape(batch, -1, 1)
+      cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
+      return jnp.log(jnp.maximum(lsh.collision_probability(cos, K, L, min_collisions), 1e-30))
+
+    out_s, lse_s = attend_rows(q, cache, sel, count, log_w)
 
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])

@@ -80,3 +80,33 @@ def test_rejects_lists_that_match_no_head_count():
   with pytest.raises(ValueError, match="indices must have shape"):
     sda.sparse_decode_attention_reference(q, keys, values, indices[:, :1], lw[:, :1],
                                           count[:, :1])
+
+
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_log_weights_function_equals_its_materialised_array(per_query_head):
+  """Score-dependent weights (MagicPIG's): the reference applies the function per block; the
+  kernel path gets the same weights materialised up front by listed_log_weights."""
+  q, keys, values, indices, _, count = problem(per_query_head, jnp.float32)
+
+  def log_w(scores, positions):  # depends on both the scores and the positions
+    return jnp.tanh(scores[:, :, 0]) + 0.01 * positions.astype(jnp.float32)
+
+  table = sda.listed_log_weights(log_w, q, keys, indices, count, block=64)
+  # The same weights computed directly, in numpy, from the listed keys.
+  qq, kk = np.asarray(q, np.float64), np.asarray(keys, np.float64)
+  lists, dim = indices.shape[1], q.shape[-1]
+  for b in range(2):
+    for lst in range(lists):
+      n = int(count[b, lst])
+      ids = np.asarray(indices[b, lst, :n])
+      head = lst * q.shape[1] // lists  # the first query head of the list
+      s = kk[b, lst * keys.shape[1] // lists, ids] @ qq[b, head] / np.sqrt(dim)
+      np.testing.assert_allclose(np.asarray(table[b, lst, :n]), np.tanh(s) + 0.01 * ids,
+                                 rtol=1e-5, atol=1e-5)
+      assert np.all(np.asarray(table[b, lst, n:]) == 0)
+  got = sda.sparse_decode_attention_reference(q, keys, values, indices, log_w, count, block=64)
+  want = numpy_attention(q, keys, values, indices, table, count)
+  np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=2e-5, atol=2e-5)
+  kernel = sda.sparse_decode_attention_kernel(q, keys, values, indices, table, count,
+                                              interpret=True)
+  np.testing.assert_allclose(np.asarray(kernel[0]), want[0], rtol=2e-5, atol=2e-5)
