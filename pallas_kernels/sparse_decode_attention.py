@@ -74,6 +74,22 @@ def _finish(m, l, acc):
   return acc / safe[..., None], jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
 
 
+def gather_float32(x: jax.Array, flat: jax.Array) -> jax.Array:
+  """``take_along_axis(x, flat, axis=2)`` in float32, for 16-bit ``x`` too.
+
+  XLA:CPU gathers bf16 by converting the operand to float32, and inside a loop that convert
+  of the whole cache is hoisted and paid on every call. Gathering the raw bits (uint16)
+  halves that: XLA still hoists the bit cast and materialises it, a copy of the cache. A
+  bf16 Spotlight attend at 128K: 760 ms with the convert, 240-440 ms with the bit copy,
+  against 24 ms in float32. bf16 caches are not a fast path on XLA:CPU yet.
+  """
+  if x.dtype == jnp.float32:
+    return jnp.take_along_axis(x, flat, axis=2, mode="promise_in_bounds")
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+  got = jnp.take_along_axis(bits, flat, axis=2, mode="promise_in_bounds")
+  return jax.lax.bitcast_convert_type(got, x.dtype).astype(jnp.float32)
+
+
 def _walk(q, keys, indices, count, block, step, init_fn):
   """Runs ``step(carry, i, ids [B, Hkv, r, block], scores [B, Hkv, r, g, block], valid)`` over
   the blocks of the lists that hold valid entries (``ceil(max(count) / block)`` of them)."""
@@ -88,8 +104,7 @@ def _walk(q, keys, indices, count, block, step, init_fn):
 
   def rows(x, ids):  # [B, Hkv, r, block] -> float32 [B, Hkv, r, block, D]
     flat = ids.reshape(batch, num_kv, ratio * block, 1)
-    got = jnp.take_along_axis(x, flat, axis=2, mode="promise_in_bounds")
-    return got.reshape(batch, num_kv, ratio, block, head_dim).astype(jnp.float32)
+    return gather_float32(x, flat).reshape(batch, num_kv, ratio, block, head_dim)
 
   def body(i, carry):
     ids = jax.lax.dynamic_slice_in_dim(indices, i * block, block, axis=3)
