@@ -3,9 +3,12 @@
 Under ``jit`` a selection is a list of ``size`` positions plus a validity mask. XLA:CPU's
 ``lax.top_k`` and scatter-based compaction cost several times more than the attention over
 the selected rows at 128K tokens, so both selections here are built from passes that
-vectorise: a bisection for the score threshold (``compare`` and ``sum``), one prefix sum,
-and a binary search of each output slot in that prefix sum. The positions come back in
-ascending order (which also makes the row gathers that follow read memory in order).
+vectorise: a bisection for the score threshold (``compare`` and ``sum``), the chosen
+tokens packed 32 to a word, a prefix sum of the words' popcounts, and a binary search of
+each output slot in it (then within its word). At 128K tokens: the top 2% of 8 rows of
+Hamming scores in 4 ms against 10 ms for ``lax.top_k``; 32 rows compacted into 4588 slots in
+3.6 ms against 34 ms for cumsum + scatter. The positions come back in ascending order
+(which also makes the row gathers that follow read memory in order).
 """
 
 from __future__ import annotations
