@@ -34,7 +34,7 @@
 # It runs on a CPU in under 3 minutes (`SPARSE_ATTN_SMALL=1` shrinks it for CI).
 
 # %%
-# Install: on Colab, clone the repository (later cells read its test fixtures) and install it.
+# Install: on Colab, clone the repository (later cells read its reference model) and install it.
 # Locally and in CI this cell does nothing: run from a checkout after `pip install -e ".[test]"`.
 import os
 import subprocess
@@ -68,8 +68,8 @@ START = time.perf_counter()
 SMALL = os.environ.get("SPARSE_ATTN_SMALL", "") not in ("", "0")  # CI: smaller sizes
 REPO = pathlib.Path(models.__file__).resolve().parents[1]  # the checkout (or Colab clone)
 # The model whose attention section 6 studies: an HF-style folder (config.json +
-# *.safetensors). Until the project's reference model is trained, a random-weight fixture.
-CHECKPOINT = REPO / "tests" / "fixtures" / "qwen3"
+# *.safetensors): the project's reference model.
+CHECKPOINT = REPO / "models" / "reference" / "runs" / "ref-4x128" / "hf"
 
 N = 4096 if SMALL else 16384  # tokens in the cache
 ROWS = 2 if SMALL else 4  # independent caches (queries) per temperature
@@ -381,18 +381,15 @@ for h, scale in enumerate(SCALES):
 # position `t` attends over keys `0..t`: a batch of caches that share the keys and differ in
 # `length` gives several decode queries at once.
 #
-# **Replace `CHECKPOINT` (top of the notebook) with the reference model once trained: its
-# attention is learned; the fixture's is random.** `tests/fixtures/qwen3` is a 2-layer Qwen3
-# with random weights (written for the `transformers` parity tests), so the numbers below
-# show the method running on a real model's code path, not MagicPIG's quality on learned
-# attention. The prompt is Python source text, byte by byte (the reference model is a
-# byte-level model trained on such text).
+# `CHECKPOINT` is the project's reference model (`models/reference/`): a 4-layer byte-level
+# Llama trained on standard-library text and retrieval tasks, so its attention is learned
+# (it finds needles at 1024 tokens). The prompt is Python source text, byte by byte.
 
 # %%
 model, config = models.load_hf(CHECKPOINT)
 print(config.architecture, f"{config.num_layers} layers, {config.num_heads} query / "
       f"{config.num_kv_heads} KV heads of {config.head_dim}, vocab {config.vocab_size}")
-T = 1024 if SMALL else 2048
+T = 512 if SMALL else 1024  # the reference model's evaluation length
 text = (inspect.getsource(json.decoder) * 4).encode()[:T]  # any Python source will do
 ids = np.minimum(np.frombuffer(text, np.uint8), config.vocab_size - 1).astype(np.int32)[None]
 qkv = models.capture(model, ids)  # one (q, k, v) per layer

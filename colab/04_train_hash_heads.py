@@ -34,7 +34,7 @@
 # It runs on a CPU in under 3 minutes (`SPARSE_ATTN_SMALL=1` shrinks it for CI).
 
 # %%
-# Install: on Colab, clone the repository (section 2 loads its test fixtures) and install it.
+# Install: on Colab, clone the repository (section 2 loads its reference model) and install it.
 # Locally and in CI this cell does nothing: run from a checkout after `pip install -e ".[test]"`.
 import os
 import subprocess
@@ -69,9 +69,9 @@ from sparse_attn import synthetic
 START = time.perf_counter()
 SMALL = os.environ.get("SPARSE_ATTN_SMALL", "") not in ("", "0")  # CI: smaller sizes
 REPO = pathlib.Path(models.__file__).resolve().parents[1]  # the checkout (or Colab clone)
-# The model whose queries and keys section 2 captures: an HF-style folder. Until the
-# project's reference model is trained, a random-weight test fixture.
-CHECKPOINT = REPO / "tests" / "fixtures" / "qwen3"
+# The model whose queries and keys section 2 captures: an HF-style folder, the project's
+# reference model.
+CHECKPOINT = REPO / "models" / "reference" / "runs" / "ref-4x128" / "hf"
 STEPS = 200 if SMALL else 1000  # optimisation steps in section 3
 print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
 
@@ -114,8 +114,7 @@ print("hamming_scores [B, Hkv, S]:", scores.shape, "(a group of 2 scores at most
 # Training data are one layer's post-RoPE queries `q [B, Hq, T, D]` and keys `k [B, Hkv, T,
 # D]`, position by position (causal: query `t` ranks keys `0..t`). From a model,
 # `models.capture(model, input_ids)` returns them for every layer of a prefill (with the
-# values). **Replace `CHECKPOINT` (top of the notebook) with the reference model once
-# trained: its attention is learned; the fixture's is random.**
+# values). `CHECKPOINT` is the project's reference model, whose attention is learned.
 
 # %%
 model, config = models.load_hf(CHECKPOINT)
@@ -129,8 +128,8 @@ model_q, model_k, _ = qkv[LAYER]
 print(f"layer {LAYER}: q {model_q.shape}, k {model_k.shape} from {len(chunks)} sequences")
 
 # %% [markdown]
-# The fixture's random attention has no structure to learn, so the training curves below use
-# `synthetic.hidden_structure`: per KV head a random `rank`-dimensional subspace `U` holds the
+# The training curves below use `synthetic.hidden_structure`, whose structure is known, so the
+# effect of training shows within a few hundred steps: per KV head a random `rank`-dimensional subspace `U` holds the
 # signal (`q = U a`, `k = U b + nuisance · V c`), so `q·k = a·b` ignores `V` while the keys'
 # signs are dominated by it. The identity hash ranks keys poorly; a hash that learns to
 # project out `V` ranks them well. Training sequences and a held-out set share the
