@@ -4,7 +4,8 @@
   use each kernel's ``*_reference`` twin there instead.
 * GPU: ``pallas_call`` with the Triton lowering, chosen through its compiler params. JAX 0.11
   deprecates that lowering in favour of Mosaic GPU (``plgpu.kernel``); a Mosaic GPU path can be
-  added here without touching the kernel bodies, which use only ``jnp``/``lax`` ops.
+  added here without touching the kernel bodies, which use only ``jnp``/``lax`` ops and
+  ``load``/``store`` below (the one Triton-specific need: masks at the array's edge).
 * TPU: ``pallas_call`` lowered through Mosaic.
 
 Kernels are used by default only on backends in ``VERIFIED``: those where a device run has
@@ -17,10 +18,12 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# Backends whose compiled kernels matched their references on a device run.
-VERIFIED: frozenset[str] = frozenset()
+# Backends whose compiled kernels matched their references on a device run: "gpu" on an
+# H100 with jax 0.11.2 (benchmarks/results/2026-11-26_h100_device_kernels.json). TPU is not.
+VERIFIED: frozenset[str] = frozenset({"gpu"})
 
 
 def platform() -> str:
@@ -59,3 +62,32 @@ def pallas_call(kernel, *, out_shape, grid, in_specs, out_specs, interpret: bool
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
                         out_specs=out_specs, interpret=interpret, name=name,
                         compiler_params=None if interpret else compiler_params())
+
+
+
+def masks_edges(interpret: bool | None) -> bool:
+  """Whether a kernel must mask the part of a partial last block that lies past the array.
+
+  The Triton lowering does not clip blocks at the array's edge: unmasked, a partial last
+  block reads and writes past the end (measured on an H100: ``table_match_counts`` wrote
+  into the next head's row). Interpret mode and Mosaic (TPU) pad partial blocks themselves.
+  """
+  return not resolve_interpret(interpret) and platform() == "gpu"
+
+
+def load(ref, *, mask: jax.Array, other, masked: bool) -> jax.Array:
+  """``ref[...]``, and where ``masked``, ``other`` wherever ``mask`` is False, without
+  reading there."""
+  if not masked:
+    return ref[...]
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.load(ref, mask=mask, other=jnp.full(mask.shape, other, ref.dtype))
+
+
+def store(ref, value: jax.Array, *, mask: jax.Array, masked: bool) -> None:
+  """``ref[...] = value``, and where ``masked``, only where ``mask`` holds."""
+  if not masked:
+    ref[...] = value
+    return
+  from jax.experimental.pallas import triton as pltriton
+  pltriton.store(ref, value, mask=mask)

@@ -48,17 +48,18 @@ def pack_signs_kernel(x: jax.Array, block_sizes: BlockSizes = BlockSizes(),
   lead, d = x.shape[:-1], x.shape[-1]
   words = math.ceil(d / 32)
   flat = x.reshape(-1, d)
-  flat = jnp.pad(flat, [(0, 0), (0, 32 * words - d)])
   n = flat.shape[0]
   rows = min(block_sizes.rows, pl.next_power_of_2(max(n, 1)))
+  # Whole blocks only: the Triton lowering does not clip a partial last block.
+  flat = jnp.pad(flat, [(0, -n % rows), (0, 32 * words - d)])
   out = backend.pallas_call(
       functools.partial(_kernel, words=words),
-      out_shape=jax.ShapeDtypeStruct((n, words), jnp.uint32),
-      grid=(pl.cdiv(n, rows),),
+      out_shape=jax.ShapeDtypeStruct((flat.shape[0], words), jnp.uint32),
+      grid=(flat.shape[0] // rows,),
       in_specs=[pl.BlockSpec((rows, 32 * words), lambda i: (i, 0))],
       out_specs=pl.BlockSpec((rows, words), lambda i: (i, 0)),
       interpret=interpret, name="pack_signs")(flat)
-  return out.reshape(lead + (words,))
+  return out[:n].reshape(lead + (words,))
 
 
 def pack_signs(x: jax.Array) -> jax.Array:

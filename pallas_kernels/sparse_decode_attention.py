@@ -30,8 +30,25 @@ from pallas_kernels import backend
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  block: int = 128  # rows gathered per inner step
-  split: int = 1024  # list entries per program (a multiple of block)
+  """``None`` picks by shape (``resolve``)."""
+  block: int | None = None  # rows gathered per inner step
+  split: int | None = None  # list entries per program (a multiple of block)
+
+  def resolve(self, batch: int, lists: int, group: int, n: int) -> tuple[int, int]:
+    """``(block, split)``. The default block keeps ``group * block`` at 128, the size of
+    the elementwise ``[G, block, D]`` products a program holds at once; the default split
+    gives the grid about ``PROGRAMS`` programs, so that a GPU's SMs all get work (on an H100,
+    8 lists of 2622 entries split at 1024, 24 programs, took 2.1 ms; 32 lists, 96
+    programs, 0.16 ms)."""
+    block = self.block or max(16, 128 // group)
+    split = self.split
+    if split is None:
+      per_list = -(-PROGRAMS // (batch * lists))
+      split = -(-max(1, -(-n // per_list)) // block) * block
+    return block, min(split, -(-n // block) * block)
+
+
+PROGRAMS = 256
 
 
 def _layout(q, keys, indices):
@@ -223,8 +240,7 @@ def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
   ratio, group = _layout(q, keys, indices)
   batch, num_q, head_dim = q.shape
   num_lists, n = indices.shape[1], indices.shape[2]
-  block = block_sizes.block
-  split = min(block_sizes.split, -(-n // block) * block)
+  block, split = block_sizes.resolve(batch, num_lists, group, n)
   if split % block:
     raise ValueError(f"block_sizes.split={block_sizes.split} must be a multiple of "
                      f"block_sizes.block={block}")

@@ -35,16 +35,18 @@ def table_match_counts_reference(q_tables: jax.Array, k_tables: jax.Array,
   return jnp.where(positions < length[:, None, None], counts, -1)
 
 
-def _kernel(len_ref, q_ref, k_ref, o_ref, *, group, tables, block):
+def _kernel(len_ref, q_ref, k_ref, o_ref, *, group, tables, block, capacity, masked):
   # len_ref: [1] int32; q_ref: [1, group, tables] uint; k_ref: [1, 1, block, tables] uint
-  # o_ref: [1, group, block] int32
+  # o_ref: [1, group, block] int32; the last block may reach past ``capacity``
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
+  inside = positions < capacity
   for g in range(group):
     counts = jnp.zeros((block,), jnp.int32)
     for l in range(tables):
-      column = k_ref[0, 0, :, l].astype(jnp.int32)  # [block]
-      counts += (column == q_ref[0, g, l].astype(jnp.int32)).astype(jnp.int32)
-    o_ref[0, g, :] = jnp.where(positions < len_ref[0], counts, -1)
+      column = backend.load(k_ref.at[0, 0, :, l], mask=inside, other=0, masked=masked)
+      counts += (column.astype(jnp.int32) == q_ref[0, g, l].astype(jnp.int32)).astype(jnp.int32)
+    backend.store(o_ref.at[0, g, :], jnp.where(positions < len_ref[0], counts, -1),
+                  mask=inside, masked=masked)
 
 
 @functools.partial(jax.jit, static_argnames=["block_sizes", "interpret"])
@@ -57,7 +59,8 @@ def table_match_counts_kernel(q_tables: jax.Array, k_tables: jax.Array, length: 
   group = num_q // num_kv
   block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
   return backend.pallas_call(
-      functools.partial(_kernel, group=group, tables=tables, block=block),
+      functools.partial(_kernel, group=group, tables=tables, block=block, capacity=capacity,
+                        masked=backend.masks_edges(interpret)),
       out_shape=jax.ShapeDtypeStruct((batch, num_q, capacity), jnp.int32),
       grid=(batch, num_kv, pl.cdiv(capacity, block)),
       in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),

@@ -116,7 +116,9 @@ def run_one(cfg: Config, length: int, batch: int, dtype: str, log) -> dict:
       times[name].append(time.perf_counter() - start)
   medians = {name: float(np.median(t)) for name, t in times.items()}
   dense = min(medians["dense (XLA)"], medians["dense_attention"])
-  log(f"  n={length} B={batch} {dtype}: dense {1e3 * dense:.2f} ms", file=sys.stderr)
+  # Each row as soon as it is measured: a run cut short still reports what it finished.
+  log(f"  n={length} B={batch} {dtype}: " + ", ".join(
+      f"{name} {1e3 * t:.2f} ms" for name, t in medians.items()), file=sys.stderr)
   return {"length": length, "batch": batch, "dtype": dtype,
           "step_ms": {n: 1e3 * t for n, t in medians.items()},
           "speedup_vs_dense": {n: dense / t for n, t in medians.items()},
