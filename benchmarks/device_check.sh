@@ -27,7 +27,7 @@ if [ "${XLA_BENCH:-1}" = 1 ]; then
 fi
 if [ "${RUN_TESTS:-0}" = 1 ]; then
   timeout 300 $PY -m pytest -q -p no:cacheprovider 2>&1 | tail -n 25 | tee "$OUT/pytest.txt"
-  timeout 120 $PY -m sparse_attn --length 131072 --batch 1 --kv-heads 8 --group 4 \
+  timeout 120 $PY -m sparse_attn compare --length 131072 --batch 1 --kv-heads 8 --group 4 \
     --head-dim 128 --dtype float32 --repeats 20 --json "$OUT/compare_128k_float32.json" \
     > "$OUT/compare_128k_float32.txt" 2>&1
 fi

@@ -449,10 +449,10 @@ fig.savefig("error_vs_density.png", dpi=100)
 plt.show()
 
 # %% [markdown]
-# What to look for (the README's 16K and 128K tables show the same, with timings; `python
-# -m sparse_attn` prints them): on the flattest head the three methods are close, since no
-# small set of tokens matters; uniform sampling fails as soon as attention peaks, because
-# it rarely draws the few tokens that hold the mass; on the mid-entropy heads MagicPIG
+# What to look for (the README's 16K and 128K tables show the same, with timings;
+# `python -m sparse_attn compare` prints them): on the flattest head the three methods are
+# close, since no small set of tokens matters; uniform sampling fails as soon as attention
+# peaks, because it rarely draws the few tokens that hold the mass; on the mid-entropy heads MagicPIG
 # matches or beats the oracle top-k once the density passes a few percent, without reading
 # every key; on the most peaked head the oracle top-k is exact and MagicPIG approaches it
 # as the density grows. `(K, L)` set MagicPIG's density only on average: it adapts to each

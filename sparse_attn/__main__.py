@@ -1,12 +1,17 @@
-"""``python -m sparse_attn``: compare the estimators; ``verify`` vAttention's guarantee.
+"""``python -m sparse_attn``: evaluate the estimators on a trained model's attention;
+``compare`` them on synthetic attention; ``verify`` vAttention's guarantee; ``bench`` speed.
 
 Usage::
 
-  python -m sparse_attn [compare]             # comparison table (about 30 s on 2 cores)
-  python -m sparse_attn --length 65536 --json report.json
+  python -m sparse_attn [eval]                # reference model, every estimator (2-3 minutes)
+  python -m sparse_attn eval --full           # every method and task (about 10 minutes)
+  python -m sparse_attn eval --model PATH     # a checkpoint folder (bytes or tokenizer.json)
+  python -m sparse_attn compare               # synthetic comparison table (about 30 s)
+  python -m sparse_attn compare --length 65536 --json report.json
   python -m sparse_attn verify                # coverage experiment (about 1 minute)
   python -m sparse_attn verify --predictor simhash --trials 400
   python -m sparse_attn bench --lengths 131072 --batches 1 --dtypes float32 --json b.json
+  python -m sparse_attn bench --devices 8      # sequence-sharded step against one device
 """
 
 from __future__ import annotations
@@ -57,6 +62,57 @@ def compare_main(argv: list[str]) -> int:
   return 0
 
 
+def eval_main(argv: list[str]) -> int:
+  # The one place sparse_attn reaches into models (models imports sparse_attn, never the
+  # reverse): the evaluation needs a decoder, and the library does not.
+  from models import estimator_eval, estimator_report
+
+  parser = argparse.ArgumentParser(
+      prog="python -m sparse_attn [eval]",
+      description="Every estimator on a trained model's real attention: task accuracy, "
+                  "error per layer, IoU with the oracle top-2%%, density; claims checked.")
+  parser.add_argument("--full", action="store_true", help="every method and task, more "
+                      "instances (about 10 minutes on 2 cores)")
+  parser.add_argument("--model", default=estimator_eval.REFERENCE,
+                      help="checkpoint folder (config.json + *.safetensors), byte vocabulary")
+  parser.add_argument("--instances", type=int, help="held-out instances per task (accuracy)")
+  parser.add_argument("--length", type=int, default=estimator_eval.Config().length,
+                      help="bytes per task instance (the reference model's is 1024)")
+  parser.add_argument("--tasks", help=f"comma-separated, from {list(estimator_eval.FULL_TASKS)}")
+  parser.add_argument("--out", default="eval_results", metavar="DIR",
+                      help="folder for report.json and error_vs_density.png")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  overrides = {"model": args.model, "length": args.length}
+  if args.length < 256:
+    parser.error("--length must be >= 256 bytes (the tasks' records and questions)")
+  if args.instances is not None:
+    _positive(parser, args, ("instances",))
+    overrides["instances"] = args.instances
+  if args.tasks:
+    chosen = tuple(t for t in args.tasks.split(",") if t)
+    unknown = set(chosen) - set(estimator_eval.FULL_TASKS)
+    if unknown or not chosen:
+      parser.error(f"unknown --tasks {sorted(unknown)}; choose from "
+                   f"{list(estimator_eval.FULL_TASKS)}")
+    overrides["tasks"] = chosen
+  cfg = (estimator_eval.Config.full(**overrides) if args.full
+         else estimator_eval.Config(**overrides))
+  report = estimator_eval.run(cfg, progress=not args.no_progress)
+  print(estimator_report.format_report(report))
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "report.json")
+  estimator_report.save_json(report, path)
+  print(f"\nwrote {path}")
+  if importlib.util.find_spec("matplotlib") is None:
+    print("matplotlib is not installed (pip install matplotlib): no plot")
+  else:
+    path = os.path.join(args.out, "error_vs_density.png")
+    estimator_report.plot(report, path)
+    print(f"wrote {path}")
+  return 0
+
+
 def verify_main(argv: list[str]) -> int:
   defaults = verify.Config()
   parser = argparse.ArgumentParser(
@@ -98,9 +154,14 @@ def bench_main(argv: list[str]) -> int:
   parser.add_argument("--methods", type=words, default=defaults.methods,
                       help=",".join(bench.Config().methods))
   parser.add_argument("--repeats", type=int, default=defaults.repeats)
+  parser.add_argument("--devices", type=int, default=1,
+                      help="N > 1: the sequence-sharded step over N devices against one "
+                           "(simulated on a CPU), and memory per device")
   parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   args = parser.parse_args(argv)
-  _positive(parser, args, ("repeats",))
+  _positive(parser, args, ("repeats", "devices"))
+  if args.devices > 1:
+    return bench_sharded_main(args, parser)
   unknown = set(args.methods) - set(defaults.methods)
   if unknown:
     parser.error(f"unknown --methods {sorted(unknown)}; choose from {list(defaults.methods)}")
@@ -117,6 +178,37 @@ def bench_main(argv: list[str]) -> int:
   return 0
 
 
+def bench_sharded_main(args, parser) -> int:
+  from sparse_attn import bench_sharded
+
+  lengths = args.lengths if args.lengths != bench.Config().lengths else (131072,)
+  dtype = args.dtypes[0] if args.dtypes != bench.Config().dtypes else "float32"
+  cfg = bench_sharded.Config(devices=args.devices, lengths=lengths, batch=args.batches[0],
+                             dtype=dtype, repeats=args.repeats)
+  report = bench_sharded.run(cfg, log=print)
+  print(bench_sharded.format_report(report))
+  if args.json:
+    bench.save_json(report, args.json)
+    print(f"\nwrote {args.json}")
+  return 0
+
+
+def simulate_devices(argv: list[str]) -> None:
+  """For ``bench --devices N`` on a machine without an accelerator: N simulated CPU devices,
+  set before JAX's backend starts (as ``use_cpu_xla_flag``)."""
+  if "--devices" not in argv or has_accelerator():
+    return
+  count = argv[argv.index("--devices") + 1] if argv.index("--devices") + 1 < len(argv) else ""
+  if count.isdigit() and int(count) > 1:
+    flag = f"--xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def has_accelerator() -> bool:
+  return any(importlib.util.find_spec(name) for name in (
+      "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"))
+
+
 # XLA:CPU's concurrency-optimised scheduler doubles MagicPIG's compiled retrieval (36 ms
 # against 18 ms at 128K tokens on 2 cores; dense attention is unaffected, 110 against 106 ms).
 CPU_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -126,8 +218,7 @@ def use_cpu_xla_flag() -> None:
   """Adds ``CPU_XLA_FLAG`` to ``XLA_FLAGS`` before any computation, on machines without a GPU
   plugin (the flag is for XLA:CPU, and an XLA that does not know a flag refuses to start).
   Set ``XLA_FLAGS`` yourself, even to an empty string, to keep this off."""
-  if "XLA_FLAGS" in os.environ or any(importlib.util.find_spec(name) for name in (
-      "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")):
+  if "XLA_FLAGS" in os.environ or has_accelerator():
     return
   os.environ["XLA_FLAGS"] = CPU_XLA_FLAG
 
@@ -135,13 +226,17 @@ def use_cpu_xla_flag() -> None:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   use_cpu_xla_flag()
+  if argv and argv[0] == "bench":
+    simulate_devices(argv)
   if argv and argv[0] == "verify":
     return verify_main(argv[1:])
   if argv and argv[0] == "bench":
     return bench_main(argv[1:])
   if argv and argv[0] == "compare":
+    return compare_main(argv[1:])
+  if argv and argv[0] == "eval":
     argv = argv[1:]
-  return compare_main(argv)
+  return eval_main(argv)
 
 
 if __name__ == "__main__":

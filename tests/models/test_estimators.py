@@ -19,7 +19,7 @@ def estimators(name, config):
   if name == "magicpig":
     return sa.magicpig(K=4, L=20, sinks=2, local=4)
   if name == "vattention":
-    return sa.vattention(epsilon=0.1, delta=0.1, sinks=2, local=4)
+    return sa.vattention(epsilon=0.1, delta=0.1, sinks=2, local=4, min_base=8)
   if name == "topk":
     return sa.topk(fraction=0.25, sinks=2, local=4)
   keys = jax.random.split(jax.random.key(3), config.num_layers)  # one hash head per layer

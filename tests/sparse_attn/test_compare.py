@@ -1,4 +1,4 @@
-"""The main job (python -m sparse_attn) runs end to end at a small size."""
+"""python -m sparse_attn compare runs end to end at a small size."""
 
 import json
 
@@ -7,8 +7,8 @@ from sparse_attn import __main__ as cli
 
 def test_main_job_prints_the_table_and_writes_json(tmp_path, capsys):
   path = tmp_path / "report.json"
-  assert cli.main(["--length", "1024", "--batch", "1", "--head-dim", "32", "--repeats", "1",
-                   "--json", str(path)]) == 0
+  assert cli.main(["compare", "--length", "1024", "--batch", "1", "--head-dim", "32",
+                   "--repeats", "1", "--json", str(path)]) == 0
   out = capsys.readouterr().out
   for name in ("dense", "streaming", "magicpig K=10 L=150", "magicpig K=8 L=75",
                "uniform (same density)", "topk (same density)", "topk simhash", "topp",

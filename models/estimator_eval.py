@@ -1,0 +1,448 @@
+"""``python -m sparse_attn eval``: every estimator on a trained model's real attention.
+
+On held-out instances of the reference model's tasks (``models.reference.tasks``), for each
+method:
+
+* **task accuracy**: the prompt up to the last answer is prefilled densely except its final
+  byte, which is fed as the first decode step; the answer is then decoded greedily with the
+  method in every layer but ``dense_layers`` (layer 0 by default, as MagicPIG's evaluation
+  keeps the first layer dense), so every answer byte is predicted through the method.
+  Exact match of the whole answer.
+* **attention error per layer**: the model's own post-RoPE queries, keys and values
+  (``models.capture``, teacher-forced) at the ``queries`` positions that predict the answer
+  bytes; the cache holds every earlier token. ``||o_hat - o|| / ||o||`` per query head
+  against exact attention, and the density (fraction of the valid tokens that entered).
+* **IoU with the oracle top-2%**: the tokens that entered the estimate against the
+  ``ceil(0.02 n)`` tokens of highest exact score, per query head. The tokens that entered are
+  read off by a probe: the values are replaced by one-hot position codes (``D`` positions at
+  a time), so a token entered exactly when its code shows in the output. Methods whose
+  selection depends on the values (vAttention's output guarantee sizes its sample from them)
+  get no IoU.
+* **vAttention's (epsilon, delta)**: over ``seeds`` draws per query head, the fraction with a
+  relative output error above epsilon, on the heads whose budget was not clipped, per layer,
+  against ``delta + 3`` standard errors.
+
+Spotlight's hash heads are trained per layer (``sa.train.fit_hash_heads``) on the model's
+queries and keys over *training-split* instances of the same tasks; the untrained,
+identity-initialised heads (the sign of each coordinate, a linear hash with the same number
+of bits) are the baseline.
+
+``sparse_attn`` does not import ``models``; its CLI imports this module only for ``eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparse_attn as sa
+from models import checkpoint, decoding
+from models.reference import tasks
+
+REFERENCE = str(pathlib.Path(__file__).resolve().parent / "reference" / "runs" / "ref-4x128"
+                / "hf")
+QUICK_TASKS = ("needle_single", "needle_multikey", "variable_tracking", "common_words")
+FULL_TASKS = QUICK_TASKS + ("mqar",)
+QUICK_METHODS = ("dense", "streaming", "topk 2% (oracle)", "magicpig K=10 L=150",
+                 "vattention e=d=0.05", "spotlight 2% (trained)", "linear hash 2% (untrained)")
+FULL_METHODS = QUICK_METHODS[:3] + ("topp 0.9 (oracle)",) + QUICK_METHODS[3:4] + (
+    "magicpig K=8 L=75",) + QUICK_METHODS[4:]
+ORACLE_FRACTION = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """What ``eval`` runs. The defaults take about 2 minutes on 2 CPU cores; ``full()`` every
+  method and task with more instances (about 10 minutes)."""
+
+  model: str = REFERENCE
+  tasks: tuple[str, ...] = QUICK_TASKS
+  methods: tuple[str, ...] = QUICK_METHODS
+  length: int = 1024
+  instances: int = 16  # per task, for accuracy
+  attention_instances: int = 4  # per task, for the attention-level metrics
+  queries: int = 4  # answer-predicting positions per instance
+  dense_layers: tuple[int, ...] = (0,)
+  sinks: int = 4
+  local: int = 16
+  epsilon: float = 0.05
+  delta: float = 0.05
+  seeds: int = 4  # vAttention draws per query head
+  hash_steps: int = 60
+  hash_instances: int = 2  # per task, training split
+  batch: int = 16
+  seed: int = 0
+
+  @classmethod
+  def full(cls, **overrides) -> "Config":
+    return cls(**{**dict(tasks=FULL_TASKS, methods=FULL_METHODS, instances=50,
+                         attention_instances=8, seeds=8, hash_steps=300), **overrides})
+
+
+def make_method(name: str, cfg: Config, hash_params: dict | None) -> sa.Estimator:
+  window = dict(sinks=cfg.sinks, local=cfg.local)
+  if name == "dense":
+    return sa.dense()
+  if name == "streaming":
+    return sa.streaming(**window)
+  if name == "topk 2% (oracle)":
+    return sa.topk(fraction=ORACLE_FRACTION, **window)
+  if name == "topp 0.9 (oracle)":
+    return sa.topp(0.9)
+  if name.startswith("magicpig"):
+    K, L = (10, 150) if "K=10" in name else (8, 75)
+    # max_selected = 1: at head dim 32 collisions are frequent, and a cap would drop tokens.
+    return sa.magicpig(K=K, L=L, max_selected=1.0, **window)
+  if name == "vattention e=d=0.05":
+    return sa.vattention(cfg.epsilon, cfg.delta, guarantee="output", **window)
+  if name.startswith(("spotlight", "linear hash")):
+    return sa.spotlight(hash_params, fraction=ORACLE_FRACTION, **window)
+  raise ValueError(f"unknown method {name!r}; choose from {list(FULL_METHODS)}")
+
+
+def value_dependent(name: str) -> bool:
+  """Whether the method's token set depends on the values (no IoU probe then)."""
+  return name.startswith("vattention")
+
+
+def instances(cfg: Config, task: str, n: int, held_out: bool, corpus) -> list:
+  split = 3 if held_out else 4  # seeds apart from the training run's (split 2)
+  return [tasks.make(task, (cfg.seed, split, i), cfg.length, held_out=held_out,
+                     corpus=corpus) for i in range(n)]
+
+
+class Encoded(NamedTuple):
+  """Instances as model ids: ``tokens int32 [B, T]`` right-padded to ``lengths``; the last
+  answer starts at ``starts`` and is ``answers`` (text), ``answer_tokens`` ids long."""
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  starts: np.ndarray
+  answers: list
+  answer_tokens: np.ndarray
+
+
+class Codec:
+  """Task bytes to a model's ids and back: the bytes themselves for a byte-level model
+  (vocabulary of 256), else the checkpoint's ``tokenizer.json`` through the ``tokenizers``
+  package (``pip install tokenizers``; not needed for the reference model)."""
+
+  def __init__(self, folder: str, vocab_size: int):
+    path = pathlib.Path(folder) / "tokenizer.json"
+    self.tokenizer = None
+    if path.is_file():
+      try:
+        import tokenizers
+      except ImportError:
+        raise ValueError(f"{folder} has a tokenizer.json: pip install tokenizers to evaluate "
+                         "it") from None
+      self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    elif vocab_size != 256:
+      raise ValueError(f"--model must have a byte-level vocabulary (256 ids) or a "
+                       f"tokenizer.json; {folder} has vocab_size={vocab_size} and no "
+                       "tokenizer.json")
+    # A tokenizer may split the answer differently in context: decode two more tokens and
+    # compare text.
+    self.extra = 0 if self.tokenizer is None else 2
+
+  def ids(self, text: bytes, first: bool) -> list[int]:
+    if self.tokenizer is None:
+      return list(text)
+    return self.tokenizer.encode(text.decode("utf-8", errors="replace"),
+                                 add_special_tokens=first).ids
+
+  def decode(self, ids) -> str:
+    if self.tokenizer is None:
+      return bytes(int(i) for i in ids).decode("latin-1")
+    return self.tokenizer.decode([int(i) for i in ids])
+
+  def encode(self, group: list) -> Encoded:
+    rows, starts, answers, counts = [], [], [], []
+    for inst in group:
+      start, stop = inst.spans[-1]
+      data = inst.tokens.tobytes()
+      prompt, answer = self.ids(data[:start], True), self.ids(data[start:stop], False)
+      rows.append(prompt + answer + self.ids(data[stop:], False))
+      starts.append(len(prompt))
+      counts.append(len(answer))
+      answers.append(self.decode(answer) if self.tokenizer is None else
+                     data[start:stop].decode("utf-8", errors="replace"))
+    lengths = np.array([len(r) for r in rows], np.int32)
+    tokens = np.zeros((len(rows), int(lengths.max())), np.int32)
+    for row, ids in zip(tokens, rows):
+      row[:len(ids)] = ids
+    return Encoded(tokens, lengths, np.array(starts, np.int32), answers,
+                   np.array(counts, np.int32))
+
+
+def layer_params(cfg: Config, model_cfg, trained: list | None, layer: int) -> dict:
+  if trained is not None:
+    return trained[layer]
+  return sa.hash_heads.init_params(jax.random.PRNGKey(cfg.seed + 2), model_cfg.num_kv_heads,
+                                   model_cfg.head_dim)
+
+
+def layer_methods(cfg: Config, model_cfg, name: str, trained: list) -> list[sa.Estimator]:
+  """One estimator per layer: the same object for every layer (so that each compiled
+  function is reused), except Spotlight's, whose heads differ per layer."""
+  if not name.startswith(("spotlight", "linear hash")):
+    return [make_method(name, cfg, None)] * model_cfg.num_layers
+  return [make_method(name, cfg, layer_params(
+      cfg, model_cfg, trained if name.startswith("spotlight") else None, layer))
+          for layer in range(model_cfg.num_layers)]
+
+
+def train_spotlight(model, model_cfg, cfg: Config, corpus, codec: Codec,
+                    tick) -> tuple[list, list]:
+  """Hash heads per layer trained on the model's queries and keys (training split)."""
+  group = [inst for task in cfg.tasks
+           for inst in instances(cfg, task, cfg.hash_instances, False, corpus)]
+  enc = codec.encode(group)
+  shortest = int(enc.lengths.min())  # no padding in the training batch
+  qkv = decoding.capture(model, jnp.asarray(enc.tokens[:, :shortest]))
+  trained, history = [], []
+  for layer, (q, k, _) in enumerate(qkv):
+    start = layer_params(cfg, model_cfg, None, layer)
+    params, hist = sa.train.fit_hash_heads(
+        start, [(q, k)], steps=cfg.hash_steps, key=jax.random.PRNGKey(cfg.seed + 10 + layer),
+        progress=False, learning_rate=1e-2,
+        loss_kwargs=dict(max_queries=64, max_top=64, max_other=128))
+    trained.append(params)
+    history.append({"loss_first": hist["loss"][0], "loss_last": hist["loss"][-1]})
+    tick(f"hash heads, layer {layer}")
+  return trained, history
+
+
+def accuracy(model, group: list, ests: list, codec: Codec, cfg: Config, key) -> float:
+  """Exact match of the last answer, decoded greedily through ``ests``."""
+  hits = []
+  for first in range(0, len(group), cfg.batch):
+    chunk = group[first:first + cfg.batch]
+    enc = codec.encode(chunk + [chunk[-1]] * (cfg.batch - len(chunk)))
+    new = int(enc.answer_tokens.max()) + codec.extra
+    tokens = jnp.asarray(enc.tokens)
+    options = dict(attention=ests, dense_layers=cfg.dense_layers)
+    # Whole sequences with a prompt length (all but the prompt's last token), so that every
+    # task has the same shapes; the answer is overwritten as it is decoded.
+    _, state = decoding.prefill(model, tokens, jnp.asarray(enc.starts - 1),
+                                capacity=tokens.shape[1] + new, key=key, **options)
+    token, got = tokens[jnp.arange(cfg.batch), jnp.asarray(enc.starts - 1)], []
+    for step in range(new):
+      logits, state, _ = decoding.decode_step(model, state, token,
+                                              key=jax.random.fold_in(key, step), **options)
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      got.append(np.asarray(token))
+    got = np.stack(got, axis=1)
+    hits += [codec.decode(ids[:n + codec.extra]).startswith(answer) for ids, n, answer, _ in
+             zip(got, enc.answer_tokens, enc.answers, chunk)]
+  return float(np.mean(hits))
+
+
+def relative_error(out, exact) -> np.ndarray:
+  a = np.asarray(out, np.float64)
+  b = np.asarray(exact, np.float64)
+  return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
+
+
+@jax.jit
+def oracle_top(q, cache: sa.KVCache):
+  """``bool [B, Hq, S]``: the ``ceil(0.02 n)`` valid tokens of highest exact score."""
+  keys, _, length = cache
+  group = q.shape[1] // keys.shape[1]
+  scores = jnp.einsum("bhd,bhsd->bhs", q, jnp.repeat(keys, group, axis=1),
+                      precision=jax.lax.Precision.HIGHEST)
+  valid = jnp.arange(keys.shape[2])[None, None, :] < length[:, None, None]
+  scores = jnp.where(valid, scores, -jnp.inf)
+  k = jnp.ceil(ORACLE_FRACTION * length.astype(jnp.float32)).astype(jnp.int32)
+  rank = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)
+  return rank < k[:, None, None]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def entered(est: sa.Estimator, q, cache: sa.KVCache, index, key) -> jax.Array:
+  """``bool [B, Hq, S]``: the tokens that entered ``est``'s estimate, by one-hot value
+  probes (``D`` positions per probe, all probes in one vmapped call)."""
+  batch, num_kv, capacity, dim = cache.keys.shape
+  probes = -(-capacity // dim)
+  position = jnp.arange(capacity)
+  codes = (position[None, :, None] - dim * jnp.arange(probes)[:, None, None]
+           == jnp.arange(dim)[None, None, :]).astype(cache.values.dtype)  # [P, S, D]
+
+  def one(code):
+    values = jnp.broadcast_to(code, cache.values.shape)
+    return est.attend(q, cache._replace(values=values), index, key).out
+
+  outs = jax.vmap(one)(codes)  # [P, B, Hq, D]: probe p, slot d is position p * D + d
+  seen = jnp.moveaxis(outs, 0, 2).reshape(batch, q.shape[1], probes * dim)[..., :capacity]
+  return seen > 0
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  inter = np.logical_and(a, b).sum(-1)
+  union = np.logical_or(a, b).sum(-1)
+  return inter / np.maximum(union, 1)
+
+
+def recall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """The fraction of ``b`` (the oracle's tokens) in ``a``: unlike IoU, not capped by the
+  size of ``a`` (an exact window of 20 tokens plus the top 2% caps IoU near 0.5)."""
+  return np.logical_and(a, b).sum(-1) / np.maximum(b.sum(-1), 1)
+
+
+class Attention:
+  """One task's captured attention: per layer, the queries at the answer positions and the
+  cache of every earlier token."""
+
+  def __init__(self, model, group: list, codec: Codec, cfg: Config):
+    enc = codec.encode(group)
+    self.qkv = decoding.capture(model, jnp.asarray(enc.tokens), jnp.asarray(enc.lengths))
+    self.positions = [np.minimum(enc.starts - 1 + j, enc.lengths - 1)
+                      for j in range(cfg.queries)]
+    self.batch = len(group)
+
+  def problems(self, layer: int):
+    q, k, v = self.qkv[layer]
+    rows = jnp.arange(self.batch)
+    for p in self.positions:
+      cache = sa.KVCache(k, v, jnp.asarray(p + 1, jnp.int32))
+      yield q[rows, :, jnp.asarray(p)], cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attend(est: sa.Estimator, q, cache, index, key) -> sa.AttentionResult:
+  return est.attend(q, cache, index, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(est: sa.Estimator, cache, key):
+  return est.init(cache, key)
+
+
+def measure(est: sa.Estimator, name: str, att: Attention, layer: int, cfg: Config,
+            key) -> dict:
+  """Errors, densities and IoUs of ``est`` on one layer of one task (all positions)."""
+  attend = functools.partial(_attend, est)
+  init = functools.partial(_init, est)
+  errors, density, ious, recalls, fails, clipped = [], [], [], [], [], []
+  for i, (q, cache) in enumerate(att.problems(layer)):
+    exact = sa.dense_attention(q, cache).out
+    index = init(cache, jax.random.fold_in(key, i))
+    draws = cfg.seeds if name.startswith("vattention") else 1
+    for s in range(draws):
+      k_attend = jax.random.fold_in(key, 1000 * i + s)
+      res = attend(q, cache, index, k_attend)
+      err = relative_error(res.out, exact)
+      errors.append(err)
+      density.append(np.asarray(res.density))
+      if name.startswith("vattention"):
+        fails.append(err > cfg.epsilon)
+        clipped.append(np.asarray(res.stats["budget_clipped"], bool))
+    if not value_dependent(name):
+      got = np.asarray(entered(est, q, cache, index, k_attend))
+      top = np.asarray(oracle_top(q, cache))
+      ious.append(iou(got, top))
+      recalls.append(recall(got, top))
+  out = {"errors": np.concatenate([e.ravel() for e in errors]),
+         "density": np.concatenate([d.ravel() for d in density])}
+  if ious:
+    out["iou"] = np.concatenate([x.ravel() for x in ious])
+    out["recall"] = np.concatenate([x.ravel() for x in recalls])
+  if fails:
+    out["fail"] = np.concatenate([f.ravel() for f in fails])
+    out["clipped"] = np.concatenate([c.ravel() for c in clipped])
+  return out
+
+
+def run(cfg: Config = Config(), progress: bool = True) -> dict:
+  """The whole evaluation; returns the report (``models.estimator_report`` formats it)."""
+  begin = time.perf_counter()
+  model, model_cfg = checkpoint.load_hf(cfg.model)
+  codec = Codec(cfg.model, model_cfg.vocab_size)
+  for layer in cfg.dense_layers:
+    if not 0 <= layer < model_cfg.num_layers:
+      raise ValueError(f"dense_layers must lie in [0, {model_cfg.num_layers}), got {layer}")
+  corpus = tasks.load_corpus()
+  spotlight = any(m.startswith("spotlight") for m in cfg.methods)
+  total = (model_cfg.num_layers * spotlight + len(cfg.methods) * len(cfg.tasks)
+           * (1 + model_cfg.num_layers))
+  from tqdm.auto import tqdm
+  bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
+
+  def tick(what):
+    bar.set_postfix_str(what)
+    bar.update(1)
+
+  phase = {"hash heads": 0.0, "accuracy": 0.0, "attention": 0.0}
+  clock = time.perf_counter()
+  trained, hash_history = (train_spotlight(model, model_cfg, cfg, corpus, codec, tick) if spotlight
+                           else (None, []))
+  phase["hash heads"] += time.perf_counter() - clock
+  key = jax.random.PRNGKey(cfg.seed + 1)
+  methods = {name: layer_methods(cfg, model_cfg, name, trained) for name in cfg.methods}
+  acc = {m: {} for m in cfg.methods}
+  layers = {m: {t: [] for t in cfg.tasks} for m in cfg.methods}
+  for task in cfg.tasks:
+    held_out = instances(cfg, task, max(cfg.instances, cfg.attention_instances), True, corpus)
+    att = Attention(model, held_out[:cfg.attention_instances], codec, cfg)
+    for name, ests in methods.items():
+      clock = time.perf_counter()
+      acc[name][task] = accuracy(model, held_out[:cfg.instances],
+                                 None if name == "dense" else ests, codec, cfg, key)
+      phase["accuracy"] += time.perf_counter() - clock
+      tick(f"{task}: {name} accuracy")
+      clock = time.perf_counter()
+      for layer in range(model_cfg.num_layers):
+        layers[name][task].append(measure(ests[layer], name, att, layer, cfg, key))
+        tick(f"{task}: {name} layer {layer}")
+      phase["attention"] += time.perf_counter() - clock
+  bar.close()
+  return {"config": dataclasses.asdict(cfg), "model": {
+      "path": cfg.model, "layers": model_cfg.num_layers, "heads": model_cfg.num_heads,
+      "kv_heads": model_cfg.num_kv_heads, "head_dim": model_cfg.head_dim},
+      "accuracy": acc, "measured": layers, "hash_training": hash_history,
+      "seconds": time.perf_counter() - begin, "phase_seconds": phase}
+
+
+def summarize(report: dict) -> dict:
+  """Per method: density, accuracy per task, median error per layer (all tasks), median
+  error per task (all layers but the dense ones), mean IoU and recall of the oracle top-2%
+  per layer, vAttention's failure rate per layer."""
+  cfg = report["config"]
+  num_layers = report["model"]["layers"]
+  sparse_layers = [l for l in range(num_layers) if l not in cfg["dense_layers"]]
+  out = {}
+  for name, per_task in report["measured"].items():
+    def cat(field, layers, tasks_=None):
+      parts = [per_task[t][l][field] for t in (tasks_ or per_task) for l in layers
+               if field in per_task[t][l]]
+      return np.concatenate(parts) if parts else None
+
+    row = {"accuracy": report["accuracy"][name],
+           "density": float(np.mean(cat("density", sparse_layers))),
+           "err_layer": [float(np.median(cat("errors", [l]))) for l in range(num_layers)],
+           "err_task": {t: float(np.median(cat("errors", sparse_layers, [t])))
+                        for t in per_task}}
+    if cat("iou", [0]) is not None:
+      row["iou_layer"] = [float(np.mean(cat("iou", [l]))) for l in range(num_layers)]
+      row["recall_layer"] = [float(np.mean(cat("recall", [l]))) for l in range(num_layers)]
+    if cat("fail", [0]) is not None:
+      rates = []
+      for l in range(num_layers):
+        fail, clip = cat("fail", [l]), cat("clipped", [l])
+        kept = fail[~clip]
+        rate = float(kept.mean()) if kept.size else float("nan")
+        se = math.sqrt(cfg["delta"] * (1 - cfg["delta"]) / max(kept.size, 1))
+        rates.append({"rate": rate, "trials": int(kept.size), "clipped": float(clip.mean()),
+                      "bound": cfg["delta"] + 3 * se,
+                      "ok": bool(kept.size == 0 or rate <= cfg["delta"] + 3 * se)})
+      row["vattention_failure"] = rates
+    out[name] = row
+  return out
