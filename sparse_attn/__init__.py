@@ -9,7 +9,7 @@ Every estimator is a factory returning ``Estimator(init, append, attend)``::
   res = est.attend(q, cache, index, key)  # res.out, res.lse, res.density, res.stats
 """
 
-from sparse_attn import hash_heads, hash_tables, key_index, lsh, predictors, train
+from sparse_attn import distributed, hash_heads, hash_tables, key_index, lsh, predictors, train
 from sparse_attn.attention import dense, dense_attention, merge
 from sparse_attn.magicpig import MagicPigIndex, magicpig
 from sparse_attn.sampling import uniform
@@ -21,6 +21,7 @@ from sparse_attn.types import AttentionResult, Estimator, KVCache
 
 __all__ = [
     "AttentionResult", "Estimator", "KVCache", "MagicPigIndex", "dense", "dense_attention",
+    "distributed",
     "hash_heads", "hash_tables", "key_index", "lsh", "magicpig", "merge", "predictors",
     "spotlight", "streaming", "topk", "topp", "train", "uniform", "vattention",
 ]
