@@ -228,7 +228,7 @@ def _first_token(logits, key, temperature, greedy):
 def generate(model: Llama, prompt_ids, max_new_tokens: int, attention=None,
              dense_layers: Sequence[int] = (), key: jax.Array | None = None,
              temperature: float = 0.0, prompt_lengths=None,
-             capacity: int | None = None) -> GenerateOutput:
+             capacity: int | None = None, mesh=None) -> GenerateOutput:
   """Generates ``max_new_tokens`` tokens per prompt: dense prefill, then estimator decode.
 
   Args:
@@ -240,7 +240,12 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, attention=None,
     key: PRNG key; required when sampling or when an estimator draws randomness.
     temperature: 0 is greedy (argmax); otherwise sample from ``softmax(logits / T)``.
     prompt_lengths: ``int [B]`` prompt sizes (default: all ``T``).
-    capacity: cache size; default ``T + max_new_tokens``.
+    capacity: cache size; default ``T + max_new_tokens`` (rounded up to a multiple of the
+      mesh's devices with ``mesh``).
+    mesh: a ``jax.sharding.Mesh`` with axis ``"seq"`` (``sa.distributed.sequence_mesh``):
+      after the prefill (on one device) every layer's cache is split along the sequence
+      over it and the decode steps run there. Sparse layers then need estimators built for
+      that mesh (``sa.distributed.sharded``); dense layers are partitioned by XLA.
 
   Returns:
     ``GenerateOutput(tokens [B, max_new_tokens], density [max_new_tokens - 1, layers, B, Hq])``.
@@ -258,7 +263,11 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, attention=None,
     key = jax.random.key(0)  # unused: greedy and dense
   seq = prompt_ids.shape[1]
   needed = max(seq, int(np.max(np.asarray(lengths))) + max_new_tokens)
-  capacity = seq + max_new_tokens if capacity is None else capacity
+  if capacity is None:
+    capacity = seq + max_new_tokens
+    if mesh is not None:
+      capacity = -(-capacity // mesh.shape[sa.distributed.AXIS]) * mesh.shape[
+          sa.distributed.AXIS]
   if not isinstance(capacity, int) or capacity < needed:
     raise ValueError(f"capacity={capacity!r} is too small for the prompt plus max_new_tokens="
                      f"{max_new_tokens}: need at least {needed}")
@@ -267,6 +276,9 @@ def generate(model: Llama, prompt_ids, max_new_tokens: int, attention=None,
   step_keys = jax.random.split(key, max_new_tokens + 1)
   graphdef, params = nnx.split(model)
   logits, state = _prefill(graphdef, params, prompt_ids, lengths, step_keys[0], capacity, ests)
+  if mesh is not None:
+    state = state._replace(caches=tuple(sa.distributed.shard_cache(c, mesh)
+                                        for c in state.caches))
   token = _first_token(logits, step_keys[1], temperature, greedy)
   tokens, densities = [token], []
   for step in range(1, max_new_tokens):

@@ -73,6 +73,20 @@ def available_bytes() -> int:
     return 1 << 60
 
 
+def interleaved_medians(steppers: dict, steps: int) -> dict[str, float]:
+  """Median seconds of ``fn(i)`` for ``i`` in ``1..steps-1`` for each named ``fn``, after
+  ``fn(0)`` compiled and warmed it up; the functions run interleaved, step by step."""
+  for fn in steppers.values():
+    jax.block_until_ready(fn(0))
+  times = {name: [] for name in steppers}
+  for i in range(1, steps):
+    for name, fn in steppers.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(i))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def run_one(cfg: Config, length: int, batch: int, dtype: str, log) -> dict:
   """Decodes ``repeats`` steps from ``length - 1`` tokens: every step writes one token (the
   cache's length grows), appends it to each index (in place) and attends."""
@@ -106,15 +120,7 @@ def run_one(cfg: Config, length: int, batch: int, dtype: str, log) -> dict:
       return out
 
     steppers[name] = step
-  for fn in steppers.values():  # compile and warm up
-    jax.block_until_ready(fn(0))
-  times = {name: [] for name in steppers}
-  for i in range(1, steps):
-    for name, fn in steppers.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(i))
-      times[name].append(time.perf_counter() - start)
-  medians = {name: float(np.median(t)) for name, t in times.items()}
+  medians = interleaved_medians(steppers, steps)
   dense = min(medians["dense (XLA)"], medians["dense_attention"])
   # Each row as soon as it is measured: a run cut short still reports what it finished.
   log(f"  n={length} B={batch} {dtype}: " + ", ".join(

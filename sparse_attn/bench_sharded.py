@@ -13,15 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import sparse_attn as sa
+from sparse_attn import bench, synthetic
 from sparse_attn import distributed as dist
-from sparse_attn import synthetic
 
 METHODS = ("dense", "streaming", "magicpig")
 
@@ -90,15 +88,7 @@ def run_one(cfg: Config, length: int, mesh, log) -> dict:
         return out
 
       steppers[label] = step
-  for fn in steppers.values():
-    jax.block_until_ready(fn(0))
-  times = {name: [] for name in steppers}
-  for i in range(1, steps):
-    for name, fn in steppers.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(i))
-      times[name].append(time.perf_counter() - start)
-  ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+  ms = {name: 1e3 * t for name, t in bench.interleaved_medians(steppers, steps).items()}
   log(f"  n={length}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), file=sys.stderr)
   return {"length": length, "step_ms": ms, "bytes_per_device": memory}
 

@@ -21,8 +21,10 @@ What equals the single-device estimator, given the same keys:
 
 * ``sa.dense()`` (to float rounding: ``1e-6``), ``sa.streaming``, and any estimator whose
   selection is a per-token rule: MagicPIG with ``center_keys=False`` (the sampled set and
-  the importance weights depend on each token and the shared planes alone). With centring,
-  each device centres its keys by its own residual mean: a different, equally valid hash.
+  the importance weights depend on each token and the shared planes alone) and caps that
+  do not bind (``max_selected`` and ``max_candidates`` are fractions of each device's
+  slice). With centring, each device centres its keys by its own residual mean: a
+  different, equally valid hash.
 * Top-k estimators keep the top fraction *of each device's tokens*, not of all tokens: the
   union holds as many tokens, but not the global top-k.
 * **vAttention**: each device runs vAttention with ``delta / n`` on its residual and the
@@ -175,13 +177,18 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
   specs = cache_spec(axis)
 
   def on_device(fn_first, fn_rest):
-    """Calls ``fn_first`` on device 0 and ``fn_rest`` elsewhere (same output structure);
-    without sinks both are the same estimator and no branch is needed."""
+    """``fn_first`` on device 0, ``fn_rest`` elsewhere (the same output structure); without
+    sinks both are the same estimator and no branch is needed."""
     if sinks == 0:
       return fn_rest
 
     def call(*args):
-      return jax.lax.cond(jax.lax.axis_index(axis) == 0, fn_first, fn_rest, *args)
+      # Both, then a select. A lax.cond over the index and cache made a MagicPIG attend at
+      # 16K tokens on 8 simulated CPU devices 99 ms against 28 ms without sinks (operand
+      # copies); computing both and selecting, 50 ms against 40 ms (a busier machine).
+      is_first = jax.lax.axis_index(axis) == 0
+      return jax.tree.map(lambda a, b: jnp.where(is_first, a, b), fn_first(*args),
+                          fn_rest(*args))
     return call
 
   def init(cache: KVCache, key):

@@ -57,3 +57,9 @@ def test_sharded_vattention_keeps_its_guarantee(report):
   assert r["rate"] <= bound, r
   # The union bound is conservative: the split samples more than one device would.
   assert r["density"] >= r["single_device_density"], r
+
+
+@pytest.mark.parametrize("name", ["dense", "magicpig"])
+def test_generate_on_a_mesh_matches_one_device(report, name):
+  r = report["generate"][name]
+  assert r["same_tokens"] and r["density"] <= 1e-6, r

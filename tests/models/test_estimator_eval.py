@@ -11,6 +11,7 @@ import pytest
 import sparse_attn as sa
 from models import estimator_eval as ee
 from models import estimator_report as er
+from models import task_codec
 from models.reference import evaluation, tasks
 from sparse_attn.__main__ import main
 from tests.models import fixtures
@@ -169,7 +170,7 @@ def test_checkpoint_with_a_tokenizer(tmp_path):
   folder = tmp_path / "ckpt"
   shutil.copytree(fixtures.folder("llama3"), folder)
   char_tokenizer(folder / "tokenizer.json")
-  codec = ee.Codec(str(folder), 128)
+  codec = task_codec.Codec(str(folder), 128)
   group = ee.instances(TINY, "needle_single", 2, True, tasks.load_corpus())
   enc = codec.encode(group)
   for row, inst in enumerate(group):
