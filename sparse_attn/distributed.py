@@ -79,20 +79,27 @@ def sequence_mesh(devices: int | None = None, axis: str = AXIS) -> Mesh:
   return Mesh(np.array(available[:devices]), (axis,))
 
 
-def cache_spec(axis: str = AXIS) -> KVCache:
+def cache_spec(axis: str = AXIS, batch_axis: str | None = None,
+               head_axis: str | None = None) -> KVCache:
   """Partition specs of a ``KVCache`` sharded along the sequence: keys and values
-  ``[B, Hkv, S, D]`` split on ``S``, ``length [B]`` replicated."""
-  return KVCache(P(None, None, axis, None), P(None, None, axis, None), P())
+  ``[B, Hkv, S, D]`` split on ``S`` (and on ``B`` / ``Hkv`` over ``batch_axis`` /
+  ``head_axis`` when given), ``length [B]`` split like ``B``."""
+  rows = P(batch_axis, head_axis, axis, None)
+  return KVCache(rows, rows, P(batch_axis))
 
 
-def shard_cache(cache: KVCache, mesh: Mesh, axis: str = AXIS) -> KVCache:
-  """Places ``cache`` on ``mesh`` split along the sequence (``S`` a multiple of the axis)."""
-  devices = mesh.shape[axis]
-  if cache.keys.shape[2] % devices:
-    raise ValueError(f"cache capacity S={cache.keys.shape[2]} must be a multiple of the "
-                     f"{devices} devices of mesh axis {axis!r}")
+def shard_cache(cache: KVCache, mesh: Mesh, axis: str = AXIS, batch_axis: str | None = None,
+                head_axis: str | None = None) -> KVCache:
+  """Places ``cache`` on ``mesh`` split along the sequence (``S`` a multiple of the axis),
+  and along the batch and KV heads over ``batch_axis`` and ``head_axis`` when given."""
+  for name, size, what in ((axis, cache.keys.shape[2], "capacity S"),
+                           (batch_axis, cache.keys.shape[0], "batch B"),
+                           (head_axis, cache.keys.shape[1], "KV heads Hkv")):
+    if name is not None and size % mesh.shape[name]:
+      raise ValueError(f"cache {what}={size} must be a multiple of the {mesh.shape[name]} "
+                       f"devices of mesh axis {name!r}")
   return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), cache,
-                      cache_spec(axis))
+                      cache_spec(axis, batch_axis, head_axis))
 
 
 def _local(cache: KVCache, axis: str, local: int):
@@ -144,7 +151,8 @@ def _nothing(result: AttentionResult) -> AttentionResult:
 
 
 def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int = 4,
-            local: int = 64, axis: str = AXIS) -> Estimator:
+            local: int = 64, axis: str = AXIS, batch_axis: str | None = None,
+            head_axis: str | None = None) -> Estimator:
   """An estimator over a cache sharded along the sequence on ``mesh`` (see the module doc).
 
   Args:
@@ -156,16 +164,21 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
     mesh: a mesh with axis ``axis``; the cache must be placed by ``shard_cache``.
     sinks, local: the exact window, in global positions.
     axis: the sequence axis of ``mesh``.
+    batch_axis, head_axis: optional mesh axes that also split the batch rows and the KV heads
+      (with their query heads): rows and heads are independent, so each device simply runs
+      on its own; only the sequence parts are merged.
 
   Returns:
     An ``Estimator`` whose ``init`` / ``append`` / ``attend`` take the sharded cache and the
-    replicated query; the index holds one part per device (leading axis of every leaf,
-    sharded on ``axis``). ``attend``'s ``stats`` are the parts' ``sa.merge``: ``selected``
-    and ``valid`` over all devices (with a local window, only these two).
+    query (split like the cache's rows and heads); the index holds one part per device
+    (three new leading axes on every leaf, for ``axis``, ``batch_axis`` and ``head_axis``).
+    ``attend``'s ``stats`` are the parts' ``sa.merge``: ``selected`` and ``valid`` over all
+    devices (with a local window, only these two).
   """
   check_window(sinks, local)
-  if axis not in mesh.shape:
-    raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not {axis!r}")
+  for name in (axis, batch_axis, head_axis):
+    if name is not None and name not in mesh.shape:
+      raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not {name!r}")
   first, rest = make(sinks), make(0)
   if first is None and rest is not None:
     raise ValueError("make(sinks) returned None but make(0) an estimator")
@@ -174,7 +187,15 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
   if rest is None and first is not None:  # e.g. StreamingLLM: only device 0 has sinks
     rest = Estimator(first.init, first.append,
                      lambda q, cache, index, key: _nothing(first.attend(q, cache, index, key)))
-  specs = cache_spec(axis)
+  specs = cache_spec(axis, batch_axis, head_axis)
+  rows = P(batch_axis, head_axis)  # queries and results: [B, Hq, ...]
+  parts = P(axis, batch_axis, head_axis)  # index: one part per device, on new leading axes
+
+  def stack(index):
+    return jax.tree.map(lambda x: x[None, None, None], index)
+
+  def unstack(index):
+    return jax.tree.map(lambda x: x[0, 0, 0], index)
 
   def on_device(fn_first, fn_rest):
     """``fn_first`` on device 0, ``fn_rest`` elsewhere (the same output structure); without
@@ -197,10 +218,9 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
 
     def part(cache, key):
       mine, _ = _local(cache, axis, local)
-      index = on_device(first.init, rest.init)(mine, key)
-      return jax.tree.map(lambda x: x[None], index)
+      return stack(on_device(first.init, rest.init)(mine, key))
 
-    return shard_map(part, mesh, (specs, P()), P(axis))(cache, key)
+    return shard_map(part, mesh, (specs, P()), parts)(cache, key)
 
   def append(index, cache: KVCache):
     if first is None:
@@ -208,11 +228,9 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
 
     def part(index, cache):
       mine, _ = _local(cache, axis, local)
-      index = jax.tree.map(lambda x: x[0], index)
-      index = on_device(first.append, rest.append)(index, mine)
-      return jax.tree.map(lambda x: x[None], index)
+      return stack(on_device(first.append, rest.append)(unstack(index), mine))
 
-    return shard_map(part, mesh, (P(axis), specs), P(axis))(index, cache)
+    return shard_map(part, mesh, (parts, specs), parts)(index, cache)
 
   def attend(q, cache: KVCache, index, key) -> AttentionResult:
     check_query(q, cache)
@@ -221,7 +239,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
       mine, offset = _local(cache, axis, local)
       parts = [_window(q, cache, offset, local)] if local else []
       if first is not None:
-        index = jax.tree.map(lambda x: x[0], index)
+        index = unstack(index)
         device_key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         result = on_device(first.attend, rest.attend)(q, mine, index, device_key)
         parts.append(_empty_like(result, mine.length))
@@ -230,13 +248,14 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
       return merge([jax.tree.map(lambda x, i=i: x[i], gathered)
                     for i in range(mesh.shape[axis])])
 
-    return shard_map(part, mesh, (P(), specs, P(axis), P()), P())(q, cache, index, key)
+    return shard_map(part, mesh, (rows, specs, parts, P()), rows)(q, cache, index, key)
 
   return Estimator(init, append, attend)
 
 
 def sharded_vattention(epsilon: float, delta: float, mesh: Mesh, *, sinks: int = 4,
-                       local: int = 64, axis: str = AXIS, guarantee: str = "denominator",
+                       local: int = 64, axis: str = AXIS, batch_axis: str | None = None,
+                       head_axis: str | None = None, guarantee: str = "denominator",
                        **kwargs) -> Estimator:
   """vAttention over a sequence-sharded cache with a global ``(epsilon, delta)`` guarantee
   on the denominator: each of the ``n`` devices runs ``vattention(epsilon, delta / n)`` on
@@ -247,4 +266,5 @@ def sharded_vattention(epsilon: float, delta: float, mesh: Mesh, *, sinks: int =
   devices = mesh.shape[axis]
   return sharded(lambda s: vattention(epsilon, delta / devices, sinks=s, local=0,
                                       guarantee="denominator", **kwargs),
-                 mesh, sinks=sinks, local=local, axis=axis)
+                 mesh, sinks=sinks, local=local, axis=axis, batch_axis=batch_axis,
+                 head_axis=head_axis)

@@ -98,9 +98,31 @@ def main() -> None:
       lambda s: sa.topk(fraction=0.02, sinks=s, local=0), mesh, sinks=4, local=64),
       q, cache, mesh, key)
   report["topk"] = topk
+  report["2-D meshes"] = two_d(q, cache, key)
   report["vattention coverage"] = coverage(mesh)
   report["generate"] = generate(mesh)
   print(json.dumps(report))
+
+
+def two_d(q, cache, key) -> dict:
+  """Rows or KV heads split over 2 devices and the sequence over 4: the same results."""
+  from jax.sharding import Mesh
+  caps = dict(center_keys=False, max_selected=1.0, max_candidates=40.0)
+  out = {}
+  for other in ("batch", "heads"):
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), (other, "seq"))
+    axes = dict(batch_axis="batch") if other == "batch" else dict(head_axis="heads")
+    for name, single, make, window in (
+        ("dense", sa.dense(), lambda s: sa.dense(), dict(sinks=0, local=64)),
+        ("magicpig", sa.magicpig(K=8, L=40, sinks=4, local=64, **caps),
+         lambda s: sa.magicpig(K=8, L=40, sinks=s, local=0, **caps), dict(sinks=4, local=64))):
+      est = dist.sharded(make, mesh, **window, **axes)
+      placed = dist.shard_cache(cache, mesh, **axes)
+      a = single.attend(q, cache, single.init(cache, key), key)
+      b = est.attend(q, placed, est.init(placed, key), key)
+      out[f"{name} {other}"] = {"out": relative(b.out, a.out),
+                                "density": float(jnp.max(jnp.abs(a.density - b.density)))}
+  return out
 
 
 def generate(mesh) -> dict:

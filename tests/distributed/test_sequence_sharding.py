@@ -63,3 +63,10 @@ def test_sharded_vattention_keeps_its_guarantee(report):
 def test_generate_on_a_mesh_matches_one_device(report, name):
   r = report["generate"][name]
   assert r["same_tokens"] and r["density"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("case", ["dense batch", "dense heads", "magicpig batch",
+                                  "magicpig heads"])
+def test_batch_and_head_axes_shard_too(report, case):
+  r = report["2-D meshes"][case]
+  assert r["out"] <= 1e-5 and r["density"] <= 1e-6, r
