@@ -237,13 +237,13 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
 
     def part(q, cache, index, key):
       mine, offset = _local(cache, axis, local)
-      parts = [_window(q, cache, offset, local)] if local else []
+      pieces = [_window(q, cache, offset, local)] if local else []
       if first is not None:
         index = unstack(index)
         device_key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         result = on_device(first.attend, rest.attend)(q, mine, index, device_key)
-        parts.append(_empty_like(result, mine.length))
-      mine_result = merge(parts) if len(parts) > 1 else parts[0]
+        pieces.append(_empty_like(result, mine.length))
+      mine_result = merge(pieces) if len(pieces) > 1 else pieces[0]
       gathered = jax.lax.all_gather(mine_result, axis)
       return merge([jax.tree.map(lambda x, i=i: x[i], gathered)
                     for i in range(mesh.shape[axis])])
