@@ -98,10 +98,37 @@ def main() -> None:
       lambda s: sa.topk(fraction=0.02, sinks=s, local=0), mesh, sinks=4, local=64),
       q, cache, mesh, key)
   report["topk"] = topk
+  report["others"] = others(q, cache, mesh, key)
   report["2-D meshes"] = two_d(q, cache, key)
   report["vattention coverage"] = coverage(mesh)
   report["generate"] = generate(mesh)
   print(json.dumps(report))
+
+
+def others(q, cache, mesh, key) -> dict:
+  """The remaining estimators run sharded: finite output, density in (0, 1]."""
+  params = sa.hash_heads.init_params(jax.random.PRNGKey(5), 2, 32)
+  makes = {"uniform": lambda s: sa.uniform(0.05, sinks=s, local=0),
+           "spotlight": lambda s: sa.spotlight(params, sinks=s, local=0),
+           "topp": lambda s: sa.topp(0.9),
+           "vattention output": None}
+  out = {}
+  placed = dist.shard_cache(cache, mesh)
+  for name, make in makes.items():
+    if make is None:
+      try:
+        dist.sharded_vattention(0.1, 0.1, mesh, guarantee="output")
+        out[name] = {"refused": False}
+      except ValueError:
+        out[name] = {"refused": True}
+      continue
+    est = dist.sharded(make, mesh, sinks=4 if name != "topp" else 0,
+                       local=64 if name != "topp" else 0)
+    res = est.attend(q, placed, est.init(placed, key), key)
+    density = np.asarray(res.density)
+    out[name] = {"finite": bool(jnp.isfinite(res.out).all()),
+                 "density_min": float(density.min()), "density_max": float(density.max())}
+  return out
 
 
 def two_d(q, cache, key) -> dict:

@@ -70,3 +70,13 @@ def test_generate_on_a_mesh_matches_one_device(report, name):
 def test_batch_and_head_axes_shard_too(report, case):
   r = report["2-D meshes"][case]
   assert r["out"] <= 1e-5 and r["density"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("name", ["uniform", "spotlight", "topp"])
+def test_every_estimator_runs_sharded(report, name):
+  r = report["others"][name]
+  assert r["finite"] and 0.0 < r["density_min"] <= r["density_max"] <= 1.0, r
+
+
+def test_sharded_output_guarantee_is_refused(report):
+  assert report["others"]["vattention output"]["refused"]
