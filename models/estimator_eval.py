@@ -37,6 +37,7 @@ import functools
 import math
 import pathlib
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,9 +234,19 @@ def recall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.logical_and(a, b).sum(-1) / np.maximum(b.sum(-1), 1)
 
 
+class Problem(NamedTuple):
+  """The queries at one answer position, the cache of every earlier token, and what every
+  method is compared with: the exact output and the oracle's top 2%."""
+
+  q: jax.Array
+  cache: sa.KVCache
+  exact: jax.Array
+  top: np.ndarray
+
+
 class Attention:
-  """One task's captured attention: per layer, the queries at the answer positions and the
-  cache of every earlier token."""
+  """One task's captured attention: per layer, one ``Problem`` per answer position (built
+  once, shared by every method)."""
 
   def __init__(self, model, group: list, codec: Codec, cfg: Config):
     enc = codec.encode(group)
@@ -243,13 +254,19 @@ class Attention:
     self.positions = [np.minimum(enc.starts - 1 + j, enc.lengths - 1)
                       for j in range(cfg.queries)]
     self.batch = len(group)
+    self._problems = {}
 
-  def problems(self, layer: int):
-    q, k, v = self.qkv[layer]
-    rows = jnp.arange(self.batch)
-    for p in self.positions:
-      cache = sa.KVCache(k, v, jnp.asarray(p + 1, jnp.int32))
-      yield q[rows, :, jnp.asarray(p)], cache
+  def problems(self, layer: int) -> list[Problem]:
+    if layer not in self._problems:
+      q, k, v = self.qkv[layer]
+      rows = jnp.arange(self.batch)
+      self._problems[layer] = []
+      for p in self.positions:
+        cache = sa.KVCache(k, v, jnp.asarray(p + 1, jnp.int32))
+        qp = q[rows, :, jnp.asarray(p)]
+        self._problems[layer].append(Problem(qp, cache, sa.dense_attention(qp, cache).out,
+                                             np.asarray(oracle_top(qp, cache))))
+    return self._problems[layer]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -268,8 +285,7 @@ def measure(est: sa.Estimator, name: str, att: Attention, layer: int, cfg: Confi
   attend = functools.partial(_attend, est)
   init = functools.partial(_init, est)
   errors, density, ious, recalls, fails, clipped = [], [], [], [], [], []
-  for i, (q, cache) in enumerate(att.problems(layer)):
-    exact = sa.dense_attention(q, cache).out
+  for i, (q, cache, exact, top) in enumerate(att.problems(layer)):
     index = init(cache, jax.random.fold_in(key, i))
     draws = cfg.seeds if name.startswith("vattention") else 1
     for s in range(draws):
@@ -283,7 +299,6 @@ def measure(est: sa.Estimator, name: str, att: Attention, layer: int, cfg: Confi
         clipped.append(np.asarray(res.stats["budget_clipped"], bool))
     if not value_dependent(name):
       got = np.asarray(entered(est, q, cache, index, k_attend))
-      top = np.asarray(oracle_top(q, cache))
       ious.append(iou(got, top))
       recalls.append(recall(got, top))
   out = {"errors": np.concatenate([e.ravel() for e in errors]),

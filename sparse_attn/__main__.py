@@ -148,9 +148,11 @@ def bench_main(argv: list[str]) -> int:
       description="Decode-step time of each estimator against dense XLA attention.")
   ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
   words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
-  parser.add_argument("--lengths", type=ints, default=defaults.lengths, help="e.g. 16384,131072")
+  parser.add_argument("--lengths", type=ints, help="e.g. 16384,131072 (default: "
+                      f"{defaults.lengths}; 131072 with --devices)")
   parser.add_argument("--batches", type=ints, default=defaults.batches, help="e.g. 1,8")
-  parser.add_argument("--dtypes", type=words, default=defaults.dtypes, help="float32,bfloat16")
+  parser.add_argument("--dtypes", type=words, help="float32,bfloat16 (default: both; the "
+                      "first only with --devices, float32 if not given)")
   parser.add_argument("--methods", type=words, default=defaults.methods,
                       help=",".join(bench.Config().methods))
   parser.add_argument("--repeats", type=int, default=defaults.repeats)
@@ -161,7 +163,9 @@ def bench_main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   _positive(parser, args, ("repeats", "devices"))
   if args.devices > 1:
-    return bench_sharded_main(args, parser)
+    return bench_sharded_main(args)
+  args.lengths = args.lengths or defaults.lengths
+  args.dtypes = args.dtypes or defaults.dtypes
   unknown = set(args.methods) - set(defaults.methods)
   if unknown:
     parser.error(f"unknown --methods {sorted(unknown)}; choose from {list(defaults.methods)}")
@@ -171,37 +175,30 @@ def bench_main(argv: list[str]) -> int:
   cfg = dataclasses.replace(defaults, lengths=args.lengths, batches=args.batches,
                             dtypes=args.dtypes, methods=args.methods, repeats=args.repeats)
   report = bench.run(cfg, log=print)
-  print(bench.format_report(report))
-  if args.json:
-    bench.save_json(report, args.json)
-    print(f"\nwrote {args.json}")
-  return 0
+  return _print_and_save(bench.format_report(report), report, args.json)
 
 
-def bench_sharded_main(args, parser) -> int:
+def bench_sharded_main(args) -> int:
+  # N simulated CPU devices where there is no accelerator. Nothing has touched a device
+  # yet, so XLA still reads the flag when its backend starts (as for use_cpu_xla_flag).
+  if not has_accelerator():
+    flag = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
   from sparse_attn import bench_sharded
 
-  lengths = args.lengths if args.lengths != bench.Config().lengths else (131072,)
-  dtype = args.dtypes[0] if args.dtypes != bench.Config().dtypes else "float32"
-  cfg = bench_sharded.Config(devices=args.devices, lengths=lengths, batch=args.batches[0],
-                             dtype=dtype, repeats=args.repeats)
+  cfg = bench_sharded.Config(devices=args.devices, lengths=args.lengths or (131072,),
+                             batch=args.batches[0], dtype=(args.dtypes or ("float32",))[0],
+                             repeats=args.repeats)
   report = bench_sharded.run(cfg, log=print)
-  print(bench_sharded.format_report(report))
-  if args.json:
-    bench.save_json(report, args.json)
-    print(f"\nwrote {args.json}")
+  return _print_and_save(bench_sharded.format_report(report), report, args.json)
+
+
+def _print_and_save(text: str, report: dict, path: str | None) -> int:
+  print(text)
+  if path:
+    bench.save_json(report, path)
+    print(f"\nwrote {path}")
   return 0
-
-
-def simulate_devices(argv: list[str]) -> None:
-  """For ``bench --devices N`` on a machine without an accelerator: N simulated CPU devices,
-  set before JAX's backend starts (as ``use_cpu_xla_flag``)."""
-  if "--devices" not in argv or has_accelerator():
-    return
-  count = argv[argv.index("--devices") + 1] if argv.index("--devices") + 1 < len(argv) else ""
-  if count.isdigit() and int(count) > 1:
-    flag = f"--xla_force_host_platform_device_count={count}"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 def has_accelerator() -> bool:
@@ -226,8 +223,6 @@ def use_cpu_xla_flag() -> None:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   use_cpu_xla_flag()
-  if argv and argv[0] == "bench":
-    simulate_devices(argv)
   if argv and argv[0] == "verify":
     return verify_main(argv[1:])
   if argv and argv[0] == "bench":

@@ -126,28 +126,22 @@ def _window(q, cache: KVCache, offset, local: int) -> AttentionResult:
   out, lse = softmax_attend(scores, held[:, None, None, :], gather_rows(values, positions))
   count = jnp.sum(held, axis=-1).astype(jnp.float32)[:, None, None]
   result = make_result(q, out, lse, jnp.broadcast_to(count, lse.shape), cache)
-  selected = jnp.broadcast_to(count[:, :, 0], result.lse.shape)
-  return result._replace(stats={"selected": selected, "valid": selected})
+  # Only the window's tokens count as valid here; each device's other tokens are counted by
+  # its estimator's part.
+  return result._replace(stats={"selected": result.stats["selected"],
+                                "valid": result.stats["selected"]})
 
 
-def _empty_like(result: AttentionResult, valid) -> AttentionResult:
-  """``result`` where a row had no tokens: nothing entered (``lse = -inf``, ``out = 0``)."""
-  empty = (valid == 0)[:, None]
-  stats = dict(result.stats)
-  stats["selected"] = jnp.where(empty, 0.0, stats["selected"])
-  stats["valid"] = jnp.broadcast_to(valid[:, None].astype(jnp.float32), result.lse.shape)
-  return result._replace(out=jnp.where(empty[..., None], jnp.zeros((), result.out.dtype),
-                                       result.out),
-                         lse=jnp.where(empty, -jnp.inf, result.lse), stats=stats)
-
-
-def _nothing(result: AttentionResult) -> AttentionResult:
-  """``result`` with no token entered (its ``valid`` kept)."""
-  stats = {name: (jnp.zeros_like(x) if name != "valid" else x)
+def _without(result: AttentionResult, rows: jax.Array) -> AttentionResult:
+  """``result`` with nothing entered on ``rows`` (bool ``[B]``): ``out = 0``, ``lse = -inf``,
+  every stat but ``valid`` zero (a part with no tokens, never NaN)."""
+  drop = rows[:, None]
+  stats = {name: (x if name == "valid" else jnp.where(drop, jnp.zeros((), x.dtype), x))
            for name, x in result.stats.items()}
-  return result._replace(out=jnp.zeros_like(result.out),
-                         lse=jnp.full_like(result.lse, -jnp.inf),
-                         density=jnp.zeros_like(result.density), stats=stats)
+  return result._replace(
+      out=jnp.where(drop[..., None], jnp.zeros((), result.out.dtype), result.out),
+      lse=jnp.where(drop, -jnp.inf, result.lse),
+      density=jnp.where(drop, 0.0, result.density), stats=stats)
 
 
 def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int = 4,
@@ -185,8 +179,8 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
   if first is None and local == 0:
     raise ValueError("nothing to attend: make returns None and local == 0")
   if rest is None and first is not None:  # e.g. StreamingLLM: only device 0 has sinks
-    rest = Estimator(first.init, first.append,
-                     lambda q, cache, index, key: _nothing(first.attend(q, cache, index, key)))
+    rest = Estimator(first.init, first.append, lambda q, cache, index, key: _without(
+        first.attend(q, cache, index, key), jnp.ones(q.shape[:1], bool)))
   specs = cache_spec(axis, batch_axis, head_axis)
   rows = P(batch_axis, head_axis)  # queries and results: [B, Hq, ...]
   parts = P(axis, batch_axis, head_axis)  # index: one part per device, on new leading axes
@@ -242,7 +236,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
         index = unstack(index)
         device_key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         result = on_device(first.attend, rest.attend)(q, mine, index, device_key)
-        pieces.append(_empty_like(result, mine.length))
+        pieces.append(_without(result, mine.length == 0))
       mine_result = merge(pieces) if len(pieces) > 1 else pieces[0]
       gathered = jax.lax.all_gather(mine_result, axis)
       return merge([jax.tree.map(lambda x, i=i: x[i], gathered)
