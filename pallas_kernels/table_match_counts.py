@@ -30,7 +30,10 @@ def table_match_counts_reference(q_tables: jax.Array, k_tables: jax.Array,
   num_kv, capacity = k_tables.shape[1], k_tables.shape[2]
   qg = q_tables.astype(jnp.int32).reshape(batch, num_kv, num_q // num_kv, 1, tables)
   equal = k_tables.astype(jnp.int32)[:, :, None, :, :] == qg
-  counts = jnp.sum(equal, axis=-1, dtype=jnp.int32).reshape(batch, num_q, capacity)
+  # Counted in the narrowest type that holds L (XLA:CPU materialises the summand array).
+  narrow = jnp.uint8 if tables <= 0xFF else jnp.int32
+  counts = jnp.sum(equal.astype(narrow), axis=-1, dtype=narrow).astype(jnp.int32)
+  counts = counts.reshape(batch, num_q, capacity)
   positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
   return jnp.where(positions < length[:, None, None], counts, -1)
 

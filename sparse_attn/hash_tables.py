@@ -88,12 +88,16 @@ def lookup(tables: HashTables, q_codes: jax.Array,
   sizes = offsets[table, codes + 1] - starts
   begins = jnp.cumsum(sizes) - sizes  # table l fills entries [begins[l], begins[l] + sizes[l])
   total = begins[-1] + sizes[-1]
-  # owner[e] = the last table whose run begins at or before e (empty runs are skipped over).
-  marker = jnp.zeros(capacity, jnp.int32).at[begins].add(1, mode="drop")
-  owner = jnp.cumsum(marker, dtype=jnp.int32) - 1
+  # Entry e of table l's run reads flat position e + shift[l], shift[l] = l S + starts[l] -
+  # begins[l]. A prefix sum of the shifts' increments, marked at each run's first entry, gives
+  # every entry its run's shift (empty runs share the next run's begin; their increments
+  # telescope). associative_scan: XLA:CPU's cumsum is 3-4x slower here.
+  shift = table * capacity_s + starts - begins
+  marker = jnp.zeros(capacity, jnp.int32).at[begins].add(
+      jnp.diff(shift, prepend=0), mode="drop")
   e = jnp.arange(capacity, dtype=jnp.int32)
   valid = e < total
-  flat = jnp.where(valid, owner * capacity_s + starts[owner] + (e - begins[owner]), 0)
+  flat = jnp.where(valid, e + jax.lax.associative_scan(jnp.add, marker), 0)
   ids = sorted_ids.reshape(-1).at[flat].get(mode="promise_in_bounds")
   return ids, valid, jnp.maximum(total - capacity, 0).astype(jnp.int32)
 
