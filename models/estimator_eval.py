@@ -53,9 +53,11 @@ REFERENCE = str(pathlib.Path(__file__).resolve().parent / "reference" / "runs" /
 QUICK_TASKS = ("needle_single", "needle_multikey", "variable_tracking", "common_words")
 FULL_TASKS = QUICK_TASKS + ("mqar",)
 QUICK_METHODS = ("dense", "streaming", "topk 2% (oracle)", "magicpig K=10 L=150",
-                 "vattention e=d=0.05", "spotlight 2% (trained)", "linear hash 2% (untrained)")
+                 "vattention e=d=0.05", "vattention simhash e=d=0.05", "spotlight 2% (trained)",
+                 "linear hash 2% (untrained)")
 FULL_METHODS = QUICK_METHODS[:3] + ("topp 0.9 (oracle)",) + QUICK_METHODS[3:4] + (
-    "magicpig K=8 L=75",) + QUICK_METHODS[4:]
+    "magicpig K=8 L=75",) + QUICK_METHODS[4:6] + ("vattention spotlight e=d=0.05",) + (
+        QUICK_METHODS[6:])
 ORACLE_FRACTION = 0.02
 
 
@@ -102,8 +104,11 @@ def make_method(name: str, cfg: Config, hash_params: dict | None) -> sa.Estimato
     K, L = (10, 150) if "K=10" in name else (8, 75)
     # max_selected = 1: at head dim 32 collisions are frequent, and a cap would drop tokens.
     return sa.magicpig(K=K, L=L, max_selected=1.0, **window)
-  if name == "vattention e=d=0.05":
-    return sa.vattention(cfg.epsilon, cfg.delta, guarantee="output", **window)
+  if name.startswith("vattention"):  # e=d=0.05; the uniform residual or a proposal's
+    proposal = next((p for p in ("simhash", "spotlight") if p in name), "uniform")
+    return sa.vattention(cfg.epsilon, cfg.delta, guarantee="output", proposal=proposal,
+                         hash_params=hash_params if proposal == "spotlight" else None,
+                         **window)
   if name.startswith(("spotlight", "linear hash")):
     return sa.spotlight(hash_params, fraction=ORACLE_FRACTION, **window)
   raise ValueError(f"unknown method {name!r}; choose from {list(FULL_METHODS)}")
@@ -127,13 +132,17 @@ def layer_params(cfg: Config, model_cfg, trained: list | None, layer: int) -> di
                                    model_cfg.head_dim)
 
 
+def uses_hash_heads(name: str) -> bool:
+  return name.startswith(("spotlight", "linear hash")) or "spotlight" in name
+
+
 def layer_methods(cfg: Config, model_cfg, name: str, trained: list) -> list[sa.Estimator]:
   """One estimator per layer: the same object for every layer (so that each compiled
-  function is reused), except Spotlight's, whose heads differ per layer."""
-  if not name.startswith(("spotlight", "linear hash")):
+  function is reused), except those with Spotlight's heads, which differ per layer."""
+  if not uses_hash_heads(name):
     return [make_method(name, cfg, None)] * model_cfg.num_layers
   return [make_method(name, cfg, layer_params(
-      cfg, model_cfg, trained if name.startswith("spotlight") else None, layer))
+      cfg, model_cfg, None if name.startswith("linear hash") else trained, layer))
           for layer in range(model_cfg.num_layers)]
 
 
@@ -321,7 +330,7 @@ def run(cfg: Config = Config(), progress: bool = True) -> dict:
     if not 0 <= layer < model_cfg.num_layers:
       raise ValueError(f"dense_layers must lie in [0, {model_cfg.num_layers}), got {layer}")
   corpus = tasks.load_corpus()
-  spotlight = any(m.startswith("spotlight") for m in cfg.methods)
+  spotlight = any(uses_hash_heads(m) and not m.startswith("linear hash") for m in cfg.methods)
   total = (model_cfg.num_layers * spotlight + len(cfg.methods) * len(cfg.tasks)
            * (1 + model_cfg.num_layers))
   from tqdm.auto import tqdm

@@ -10,6 +10,8 @@ Usage::
   python -m sparse_attn compare --length 65536 --json report.json
   python -m sparse_attn verify                # coverage experiment (about 1 minute)
   python -m sparse_attn verify --predictor simhash --trials 400
+  python -m sparse_attn verify --proposal simhash  # importance-sampled residual (+ uniform's)
+  python -m sparse_attn equal-density          # every method at 2% and 5% density (minutes)
   python -m sparse_attn bench --lengths 131072 --batches 1 --dtypes float32 --json b.json
   python -m sparse_attn bench --devices 8      # sequence-sharded step against one device
 """
@@ -122,14 +124,18 @@ def verify_main(argv: list[str]) -> int:
   parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
   parser.add_argument("--trials", type=int, default=defaults.trials, help="keys per head")
   parser.add_argument("--delta", type=float, default=defaults.delta)
-  parser.add_argument("--predictor", default=defaults.predictor, choices=["oracle", "simhash"])
+  parser.add_argument("--predictor", default=defaults.predictor, choices=["oracle", "simhash"],
+                      help="top-k ranking of the uniform residual")
+  parser.add_argument("--proposal", default=defaults.proposal, choices=["uniform", "simhash",
+                      "spotlight"], help="residual sampler; not uniform: importance sampling "
+                      "from its own codes, with the uniform residual's densities alongside")
   parser.add_argument("--seed", type=int, default=defaults.seed)
   parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   args = parser.parse_args(argv)
   _positive(parser, args, ("length", "head_dim", "trials"))
   cfg = dataclasses.replace(defaults, length=args.length, head_dim=args.head_dim,
                             trials=args.trials, delta=args.delta, predictor=args.predictor,
-                            seed=args.seed)
+                            proposal=args.proposal, seed=args.seed)
   report = verify.run(cfg, log=print)
   print(verify.format_report(report))
   if args.json:
@@ -201,6 +207,26 @@ def _print_and_save(text: str, report: dict, path: str | None) -> int:
   return 0
 
 
+def equal_density_main(argv: list[str]) -> int:
+  from models import density_eval  # models imports sparse_attn, never the reverse
+
+  defaults = density_eval.Config()
+  parser = argparse.ArgumentParser(
+      prog="python -m sparse_attn equal-density",
+      description="Relative output error of every method at equal density (2%% and 5%%), "
+                  "on the reference model's layers and on LLM-shaped synthetic attention.")
+  parser.add_argument("--model", default=defaults.model, help="checkpoint folder")
+  parser.add_argument("--seeds", type=int, default=defaults.seeds,
+                      help="sampling keys per position for the vAttention variants")
+  parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  _positive(parser, args, ("seeds",))
+  report = density_eval.run(dataclasses.replace(defaults, model=args.model, seeds=args.seeds),
+                            progress=not args.no_progress)
+  return _print_and_save(density_eval.format_report(report), report, args.json)
+
+
 def has_accelerator() -> bool:
   return any(importlib.util.find_spec(name) for name in (
       "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"))
@@ -229,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     return bench_main(argv[1:])
   if argv and argv[0] == "compare":
     return compare_main(argv[1:])
+  if argv and argv[0] == "equal-density":
+    return equal_density_main(argv[1:])
   if argv and argv[0] == "eval":
     argv = argv[1:]
   return eval_main(argv)

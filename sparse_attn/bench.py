@@ -32,7 +32,7 @@ class Config:
   batches: tuple[int, ...] = (1, 8)
   dtypes: tuple[str, ...] = ("float32", "bfloat16")
   methods: tuple[str, ...] = ("magicpig", "spotlight", "topk_simhash", "vattention",
-                              "streaming")
+                              "vattention_simhash", "vattention_spotlight", "streaming")
   num_kv_heads: int = 8
   group: int = 4
   head_dim: int = 128
@@ -47,6 +47,9 @@ def estimators(cfg: Config) -> dict[str, sa.Estimator]:
       "spotlight": sa.spotlight(params, fraction=0.02),
       "topk_simhash": sa.topk(fraction=0.02, predictor="simhash"),
       "vattention": sa.vattention(0.05, 0.05),
+      "vattention_simhash": sa.vattention(0.05, 0.05, proposal="simhash"),
+      "vattention_spotlight": sa.vattention(0.05, 0.05, proposal="spotlight",
+                                            hash_params=params),
       "streaming": sa.streaming(),
   }
   return {name: every[name] for name in cfg.methods}

@@ -41,12 +41,14 @@ class Predictor(NamedTuple):
 
 class SimHashState(NamedTuple):
   """``planes float32 [D, bits]``, ``key_mean [B, Hkv, D]``, ``codes uint32 [B, Hkv, S, W]``
-  (``W = bits / 32``), ``length int32 [B]`` (tokens hashed)."""
+  (``W = bits / 32``), ``length int32 [B]`` (tokens hashed), and with ``norms=True``
+  ``norms bfloat16 [B, Hkv, S]``, the norm of each hashed (centred) key."""
 
   planes: jax.Array
   key_mean: jax.Array
   codes: jax.Array
   length: jax.Array
+  norms: jax.Array | None = None
 
 
 def rank_unhashed_last(sim: jax.Array, length: jax.Array) -> jax.Array:
@@ -57,16 +59,35 @@ def rank_unhashed_last(sim: jax.Array, length: jax.Array) -> jax.Array:
   return jnp.where(hashed, sim, -1)
 
 
+NORM_DTYPE = jnp.bfloat16  # stored key norms: 2 bytes per token (they only shape a proposal)
+
+
+def with_norms(derive, norms: bool):
+  """``derive(state, keys) -> codes`` into ``(state, keys) -> (codes,)``, or ``(codes,
+  norms)`` with ``norms``: the norm of the vector that was hashed, ``hashed(state, keys)``."""
+  def both(state, rows):
+    hashed, codes = derive(state, rows)
+    if not norms:
+      return (codes,)
+    return codes, jnp.linalg.norm(hashed, axis=-1).astype(NORM_DTYPE)
+  return both
+
+
+def stored(state) -> tuple[jax.Array, ...]:
+  return (state.codes,) if state.norms is None else (state.codes, state.norms)
+
+
 def code_appender(derive, append_chunk: int):
-  """``append`` for states with ``codes [B, Hkv, S, W]`` and ``length``: derives the codes
-  of the new tokens only, ``derive(state, keys [B, Hkv, n, D]) -> codes``. The state is
-  donated (updated in place): keep only the returned state."""
+  """``append`` for states with ``codes [B, Hkv, S, W]``, ``length`` and optional ``norms``:
+  derives the values of the new tokens only, ``derive(state, keys [B, Hkv, n, D]) ->
+  (codes,)`` or ``(codes, norms)``. The state is donated (updated in place): keep only the
+  returned state."""
 
   @functools.partial(jax.jit, donate_argnums=0)
   def _append(state, cache):
-    (codes,), length = key_index.append_rows(
-        (state.codes,), state.length, cache, lambda rows: (derive(state, rows),), append_chunk)
-    return state._replace(codes=codes, length=length)
+    new, length = key_index.append_rows(
+        stored(state), state.length, cache, lambda rows: derive(state, rows), append_chunk)
+    return state._replace(codes=new[0], norms=new[1] if len(new) > 1 else None, length=length)
 
   def append(state, cache):
     key_index.check_same_cache(state.codes, cache)
@@ -84,21 +105,27 @@ def oracle() -> Predictor:
       reads_all_keys=True)
 
 
-def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int = 16) -> Predictor:
+def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int = 16,
+            norms: bool = False) -> Predictor:
   """SimHash codes of centred keys, ranked by Hamming similarity.
 
   Args:
     bits: code length, a positive multiple of 32.
     sinks, local: the exact set, left out of the centring mean.
     append_chunk: tokens hashed per step of ``append``'s loop.
+    norms: also store each centred key's norm (``SimHashState.norms``, 2 bytes per token),
+      for score estimates (``sparse_attn.importance``).
   """
   if not isinstance(bits, int) or bits < 32 or bits % 32:
     raise ValueError(f"bits must be a positive multiple of 32, got {bits!r}")
   words = bits // 32
 
   def hash_keys(keys, state_planes, key_mean):
+    """``(centred keys, codes)``."""
     centred = keys.astype(jnp.float32) - key_mean[:, :, None, :]
-    return lsh.simhash(centred, state_planes, 32, words)
+    return centred, lsh.simhash(centred, state_planes, 32, words)
+
+  derive = with_norms(lambda state, rows: hash_keys(rows, state.planes, state.key_mean), norms)
 
   def init(cache, key):
     check_key(key)
@@ -109,32 +136,37 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
     batch, num_kv, capacity, head_dim = cache.keys.shape
     planes = lsh.planes(key, head_dim, 32, words)
     key_mean = key_index.residual_key_mean(cache, sinks, local)
-    (codes,) = key_index.derive_all(
-        (jnp.zeros((batch, num_kv, capacity, words), jnp.uint32),), cache,
-        lambda rows: (hash_keys(rows, planes, key_mean),), bits + head_dim)
-    return SimHashState(planes, key_mean, codes, cache.length)
+    state = SimHashState(planes, key_mean, jnp.zeros((batch, num_kv, capacity, words),
+                                                     jnp.uint32), cache.length,
+                         jnp.zeros((batch, num_kv, capacity), NORM_DTYPE) if norms else None)
+    new = key_index.derive_all(stored(state), cache, lambda rows: derive(state, rows),
+                               bits + head_dim)
+    return state._replace(codes=new[0], norms=new[1] if norms else None)
 
   def scores(qg, cache, state):
     q_codes = lsh.simhash(qg, state.planes, 32, words)  # [B, Hkv, G, W]
     return rank_unhashed_last(hash_heads.hamming_similarity(q_codes, state.codes, bits),
                               state.length)
 
-  append = code_appender(lambda state, rows: hash_keys(rows, state.planes, state.key_mean),
-                         append_chunk)
+  append = code_appender(derive, append_chunk)
   return Predictor(init, append, scores, reads_all_keys=False)
 
 
 class SpotlightState(NamedTuple):
-  """``params`` (hash heads), ``codes uint32 [B, Hkv, S, ceil(D/32)]``, ``length int32 [B]``."""
+  """``params`` (hash heads), ``codes uint32 [B, Hkv, S, ceil(D/32)]``, ``length int32 [B]``,
+  and with ``norms=True`` ``norms bfloat16 [B, Hkv, S]``, each key's norm."""
 
   params: dict
   codes: jax.Array
   length: jax.Array
+  norms: jax.Array | None = None
 
 
-def spotlight(params: dict, append_chunk: int = 16) -> Predictor:
-  """Learned hash codes (Spotlight), scored by Hamming similarity summed over the group."""
+def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Predictor:
+  """Learned hash codes (Spotlight), scored by Hamming similarity summed over the group;
+  ``norms``: also store each key's norm (2 bytes per token)."""
   hash_heads.check_params(params)
+  derive = with_norms(lambda state, rows: (rows, hash_heads.hash(state.params, rows)), norms)
 
   def init(cache, key):
     del key
@@ -144,10 +176,12 @@ def spotlight(params: dict, append_chunk: int = 16) -> Predictor:
   @jax.jit
   def _init(params, cache):
     batch, num_kv, capacity, head_dim = cache.keys.shape
-    (codes,) = key_index.derive_all(
-        (jnp.zeros((batch, num_kv, capacity, -(-head_dim // 32)), jnp.uint32),), cache,
-        lambda rows: (hash_heads.hash(params, rows),), 4 * head_dim)  # the MLP's activations
-    return SpotlightState(params, codes, cache.length)
+    state = SpotlightState(params, jnp.zeros((batch, num_kv, capacity, -(-head_dim // 32)),
+                                             jnp.uint32), cache.length,
+                           jnp.zeros((batch, num_kv, capacity), NORM_DTYPE) if norms else None)
+    new = key_index.derive_all(stored(state), cache, lambda rows: derive(state, rows),
+                               4 * head_dim)  # the MLP's activations
+    return state._replace(codes=new[0], norms=new[1] if norms else None)
 
   def scores(qg, cache, state):
     batch, num_kv, group, head_dim = qg.shape
@@ -156,20 +190,21 @@ def spotlight(params: dict, append_chunk: int = 16) -> Predictor:
     sim = hash_heads.hamming_scores(q_codes, state.codes, head_dim, state.length)
     return jnp.broadcast_to(sim[:, :, None, :], (batch, num_kv, group, sim.shape[-1]))
 
-  append = code_appender(lambda state, rows: hash_heads.hash(state.params, rows), append_chunk)
+  append = code_appender(derive, append_chunk)
   return Predictor(init, append, scores, reads_all_keys=False, shared_by_group=True)
 
 
 def make(name: str, bits: int = 128, sinks: int = 4, local: int = 64,
-         hash_params: dict | None = None) -> Predictor:
-  """The predictor called ``name`` (one of ``NAMES``); ``hash_params`` for "spotlight"."""
+         hash_params: dict | None = None, norms: bool = False) -> Predictor:
+  """The predictor called ``name`` (one of ``NAMES``); ``hash_params`` for "spotlight";
+  ``norms``: the hashing predictors also store key norms."""
   if name == "oracle":
     return oracle()
   if name == "simhash":
-    return simhash(bits=bits, sinks=sinks, local=local)
+    return simhash(bits=bits, sinks=sinks, local=local, norms=norms)
   if name == "spotlight":
     if hash_params is None:
       raise ValueError('predictor "spotlight" needs hash_params (sa.hash_heads.init_params, '
                        "trained with sa.train.fit_hash_heads)")
-    return spotlight(hash_params)
+    return spotlight(hash_params, norms=norms)
   raise ValueError(f"predictor must be one of {NAMES}, got {name!r}")

@@ -57,6 +57,11 @@ all but the first ``m0`` / ``b`` are masked. When the needed ``b`` exceeds
 guarantee is then not claimed. Unlike a public reference that sampled *with* replacement
 while weighting by ``n_s / b`` (which biases :math:`\hat D` low), both samples here are
 without replacement and the weights are exact.
+
+``proposal="simhash" | "spotlight"`` (or any proposal with ``density=``, a fixed size instead
+of a guarantee) hands the residual to ``sparse_attn.importance``: a base sample shaped by the
+hash codes, and per head a choice between this uniform sampler and Poisson sampling with
+probabilities from the codes, with a top part sized by the same codes.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import predictors, selection
+from sparse_attn import importance, predictors, selection
 from sparse_attn.attention import attend_rows, combine_lse, gather_rows, group_queries
 from sparse_attn.attention import make_result, row_scores
 from sparse_attn.streaming import check_window, exact_part, residual_mask
@@ -92,41 +97,122 @@ def budget(n0: jax.Array, n_s: jax.Array) -> jax.Array:
   return jnp.where(n0 > 0, n_s / (1.0 + (n_s - 1.0) / safe), 0.0)
 
 
-def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
-               topk_fraction: float = 0.02, base_rate: float = 0.02, min_base: int = 128,
-               max_fraction: float = 0.25,
-               guarantee: str = "denominator", predictor: str = "oracle",
-               bits: int = 128, hash_params: dict | None = None) -> Estimator:
+def base_sample(key, residual, n_s, base_rate: float, min_base: int):
+  """``(positions, mask, m0)``: ``m0`` residual tokens drawn uniformly without replacement."""
+  capacity = residual.shape[-1]
+  m0_max = min(capacity, max(min_base, math.ceil(base_rate * capacity)))
+  m0 = jnp.minimum(jnp.maximum(min_base, jnp.ceil(base_rate * n_s.astype(jnp.float32))
+                               .astype(jnp.int32)), n_s)
+  u = jax.random.uniform(key, residual.shape)
+  positions, mask = selection.top(-u, residual, m0_max, m0[..., None])
+  return positions, mask, m0
+
+
+def base_terms(base_s, base_mask, weights, values, base_pos, fixed, guarantee: str):
+  """The guaranteed quantity ``y`` on the base tokens and its target size ``T``.
+
+  Args:
+    base_s: ``[B, Hkv, G, M]`` exact scores of the base tokens (``base_mask`` valid).
+    weights: ``[B, Hkv, G, M]`` each base token's weight in estimates of residual totals
+      (``n_s / m0`` for a uniform sample, ``1 / rho`` for a Poisson one).
+    fixed: ``(out, lse)`` of the exactly attended part.
+
+  Returns:
+    ``(y [B, Hkv, G, M, dy], T [B, Hkv, G])``, ``y`` zero outside the mask, both on a
+    common scale ``e_i = exp(s_i - ref)`` (module docstring).
+  """
+  out_f, lse_f = fixed
+  ref = jnp.maximum(lse_f, jnp.max(jnp.where(base_mask, base_s, -jnp.inf), axis=-1))
+  ref = jnp.where(jnp.isfinite(ref), ref, 0.0)  # a common scale for the e_i
+  e_base = jnp.where(base_mask, jnp.exp(base_s - ref[..., None]), 0.0)
+  d_fixed = jnp.exp(lse_f - ref)  # sum of e_i over the deterministic part
+  d_hat = d_fixed + jnp.sum(weights * e_base, -1)
+  if guarantee == "denominator":
+    y = e_base[..., None]
+    target = d_hat
+  else:
+    v_base = gather_rows(values, base_pos).astype(jnp.float32)
+    x = e_base[..., None] * v_base
+    n_hat = d_fixed[..., None] * out_f + jnp.sum(weights[..., None] * x, -2)
+    target = jnp.linalg.norm(n_hat, axis=-1)
+    if guarantee == "numerator":
+      y = x
+    else:
+      o_hat = n_hat / jnp.where(d_hat > 0, d_hat, 1.0)[..., None]
+      y = e_base[..., None] * (v_base - o_hat[..., None, :])
+  return jnp.where(base_mask[..., None], y, 0.0), target
+
+
+def vattention(epsilon: float | None = None, delta: float | None = None, *, sinks: int = 4,
+               local: int = 64, topk_fraction: float = 0.02, base_rate: float = 0.02,
+               min_base: int = 128, max_fraction: float = 0.25,
+               guarantee: str = "denominator", predictor: str | None = None,
+               bits: int = 128, hash_params: dict | None = None, proposal: str = "uniform",
+               density: float | None = None, mix: float = 0.1) -> Estimator:
   """vAttention estimator with a verified (epsilon, delta) guarantee.
 
   Args:
     epsilon: relative error bound.
     delta: failure probability.
     sinks, local: sizes of the exact window.
-    topk_fraction: top-k tokens kept exactly, as a fraction of the valid tokens (0 allowed).
+    topk_fraction: top-k tokens kept exactly, as a fraction of the valid tokens (0 allowed);
+      only with ``proposal="uniform"`` and ``(epsilon, delta)`` (otherwise the split policy of
+      ``sparse_attn.importance`` sizes the top part per head).
     base_rate: base sample size, as a fraction of the residual.
     min_base: the smallest base sample (or the whole residual, if smaller); at least 2.
     max_fraction: the largest sample, as a fraction of the residual; a larger need is
       clipped and flagged in ``stats["budget_clipped"]``.
-    guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (see the module docstring).
-    predictor: top-k ranking, one of ``predictors.NAMES``.
+    guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (see the module docstring);
+      with ``density``, the quantity whose variance the split policy minimises.
+    predictor: top-k ranking, one of ``predictors.NAMES``. Default: ``"oracle"`` for the
+      uniform proposal, else the proposal's own codes (which it must be).
     bits: code length of the ``"simhash"`` predictor.
     hash_params: trained hash heads of the ``"spotlight"`` predictor.
+    proposal: how the residual is sampled: ``"uniform"`` (uniformly, this module), or
+      ``"simhash"`` / ``"spotlight"``: Poisson sampling with inclusion probabilities from the
+      predictor's codes and stored key norms (``sparse_attn.importance``).
+    density: instead of ``(epsilon, delta)``: a fixed size, the fraction of the valid tokens
+      that enter the estimate (exact window included); the split policy minimises the
+      estimated variance at that size and no guarantee is claimed.
+    mix: the defensive uniform share of the importance proposals (``importance``).
 
   Returns:
     An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
-    ``topk``, ``residual`` (n_s), ``base`` (m0), ``budget`` (b), ``budget_clipped``,
-    ``read`` (tokens whose rows were read beyond the predictor: exact set, top-k, base and
-    final samples), ``read_all_keys``.
+    ``topk``, ``residual`` (n_s), ``base`` (m0), ``budget`` (b: sampled tokens beyond the
+    top-k), ``budget_clipped``, ``read`` (tokens whose rows were read beyond the predictor:
+    exact set, top-k, base and final samples), ``read_all_keys``; with the importance
+    sampler also ``temperature`` (the chosen tau), ``expected`` (expected sample size) and
+    ``selected_overflow`` (sampled tokens that did not fit the static list; non-zero also
+    sets ``budget_clipped``).
   """
-  if not epsilon > 0:
-    raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+  if proposal not in importance.PROPOSALS:
+    raise ValueError(f"proposal must be one of {importance.PROPOSALS}, got {proposal!r}")
+  if predictor is None:
+    predictor = "oracle" if proposal == "uniform" else proposal
+  if proposal != "uniform" and predictor != proposal:
+    raise ValueError(f"proposal {proposal!r} samples by the predictor's codes: predictor must "
+                     f"be {proposal!r} (or None), got {predictor!r}")
   if guarantee not in GUARANTEES:
     raise ValueError(f"guarantee must be one of {GUARANTEES}, got {guarantee!r}")
-  delta_max = 1.0 if guarantee == "denominator" else 0.21
-  if not 0.0 < delta < delta_max:
-    raise ValueError(f"delta must be in (0, {delta_max}) for guarantee={guarantee!r}, "
-                     f"got {delta!r}")
+  if density is None:
+    if epsilon is None or delta is None:
+      raise ValueError("give epsilon and delta (the guarantee), or density (a fixed size)")
+    if not epsilon > 0:
+      raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    delta_max = 1.0 if guarantee == "denominator" else 0.21
+    if not 0.0 < delta < delta_max:
+      raise ValueError(f"delta must be in (0, {delta_max}) for guarantee={guarantee!r}, "
+                       f"got {delta!r}")
+    z = NormalDist().inv_cdf(1.0 - delta / 2.0)
+    # The importance sampler's output guarantee also bounds the denominator (importance).
+    target_scales = (epsilon / z,) * (2 if guarantee == "output" else 1)
+  else:
+    if epsilon is not None or delta is not None:
+      raise ValueError("density fixes the size and claims no (epsilon, delta): give one of "
+                       f"them, got epsilon={epsilon!r}, delta={delta!r}, density={density!r}")
+    if not 0.0 < density <= 1.0:
+      raise ValueError(f"density must be in (0, 1], got {density!r}")
+    z = None
   if not 0.0 <= topk_fraction < 1.0:
     raise ValueError(f"topk_fraction must be in [0, 1), got {topk_fraction!r}")
   if not isinstance(min_base, int) or min_base < 2:
@@ -134,10 +220,12 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
   if not 0.0 < base_rate <= max_fraction <= 1.0:
     raise ValueError("need 0 < base_rate <= max_fraction <= 1, got "
                      f"base_rate={base_rate!r}, max_fraction={max_fraction!r}")
+  if not mix > 0:
+    raise ValueError(f"mix must be > 0 (every token needs a positive probability), got {mix!r}")
   check_window(sinks, local)
-  z = NormalDist().inv_cdf(1.0 - delta / 2.0)
+  sampled = proposal != "uniform" or density is not None  # the importance sampler
   pred = predictors.make(predictor, bits=bits, sinks=sinks, local=local,
-                         hash_params=hash_params)
+                         hash_params=hash_params, norms=proposal != "uniform")
 
   def init(cache, key):
     check_cache(cache)
@@ -146,7 +234,7 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
   def attend(q, cache, index, key):
     check_query(q, cache)
     check_key(key)
-    return _attend(q, cache, index, key)
+    return (_attend_importance if sampled else _attend)(q, cache, index, key)
 
   @jax.jit
   def _attend(q, cache, index, key):
@@ -178,31 +266,11 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
 
     # Base sample: m0 uniform draws without replacement from the residual.
     key_base, key_final = jax.random.split(key)
-    m0_max = min(capacity, max(min_base, math.ceil(base_rate * capacity)))
-    m0 = jnp.minimum(jnp.maximum(min_base, jnp.ceil(base_rate * n_sf).astype(jnp.int32)), n_s)
-    u = jax.random.uniform(key_base, shape + (capacity,))
-    base_pos, base_mask = selection.top(-u, residual, m0_max, m0[..., None])
-    base_s = selected_scores(qg, cache, base_pos, scores, pred)
-    ref = jnp.maximum(lse_f, jnp.max(jnp.where(base_mask, base_s, -jnp.inf), axis=-1))
-    ref = jnp.where(jnp.isfinite(ref), ref, 0.0)  # a common scale for the e_i
-    e_base = jnp.where(base_mask, jnp.exp(base_s - ref[..., None]), 0.0)
+    base_pos, base_mask, m0 = base_sample(key_base, residual, n_s, base_rate, min_base)
     m0f = jnp.maximum(m0.astype(jnp.float32), 1.0)
-    d_fixed = jnp.exp(lse_f - ref)  # sum of e_i over the deterministic part
-    d_hat = d_fixed + n_sf * jnp.sum(e_base, -1) / m0f
-    if guarantee == "denominator":
-      y = e_base[..., None]
-      target = d_hat
-    else:
-      v_base = gather_rows(values, base_pos).astype(jnp.float32)
-      x = e_base[..., None] * v_base
-      n_hat = d_fixed[..., None] * out_f + n_sf[..., None] * jnp.sum(x, -2) / m0f[..., None]
-      target = jnp.linalg.norm(n_hat, axis=-1)
-      if guarantee == "numerator":
-        y = x
-      else:
-        o_hat = n_hat / jnp.where(d_hat > 0, d_hat, 1.0)[..., None]
-        y = e_base[..., None] * (v_base - o_hat[..., None, :])
-    y = jnp.where(base_mask[..., None], y, 0.0)
+    y, target = base_terms(selected_scores(qg, cache, base_pos, scores, pred), base_mask,
+                           jnp.where(base_mask, (n_sf / m0f)[..., None], 0.0), values,
+                           base_pos, (out_f, lse_f), guarantee)
     centred = jnp.where(base_mask[..., None], y - jnp.sum(y, -2, keepdims=True)
                         / m0f[..., None, None], 0.0)
     variance = jnp.sum(centred**2, axis=(-2, -1)) / jnp.maximum(m0f - 1.0, 1.0)
@@ -214,6 +282,7 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
     b = jnp.minimum(needed, cap)
 
     # Final sample: b fresh uniform draws without replacement, weight n_s / b.
+    m0_max = base_pos.shape[-1]
     b_max = min(capacity, max(m0_max, math.ceil(max_fraction * capacity)))
     u = jax.random.uniform(key_final, shape + (capacity,))
     final_pos, final_mask = selection.top(-u, residual, b_max, b[..., None])
@@ -222,14 +291,97 @@ def vattention(epsilon: float, delta: float, *, sinks: int = 4, local: int = 64,
     lse_s = lse_s + jnp.log(jnp.maximum(n_sf, 1.0) / bf)  # every sample has weight n_s / b
     out, lse = combine_lse([out_f, out_s], [lse_f, lse_s])
 
-    in_base = selection.positions_mask(base_pos, base_mask, capacity)
-    overlap = jnp.sum(final_mask & jnp.take_along_axis(in_base, final_pos, axis=-1), -1)
     b_used = jnp.sum(final_mask, -1).astype(jnp.float32)
     exact = jnp.broadcast_to(exact_count, shape) + top_count
-    read = exact + b_used + m0.astype(jnp.float32) - overlap.astype(jnp.float32)
+    read = exact + b_used + m0.astype(jnp.float32) - overlap(base_pos, base_mask, final_pos,
+                                                             final_mask, capacity)
     return make_result(
         q, out, lse, exact + b_used, cache, topk=top_count, residual=n_sf,
         base=m0.astype(jnp.float32), budget=b_used, budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys))
 
+  @jax.jit
+  def _attend_importance(q, cache, index, key):
+    keys, values, length = cache
+    batch, num_kv_heads, capacity, head_dim = keys.shape
+    qg = group_queries(q, num_kv_heads)
+    shape = qg.shape[:3]  # [B, Hkv, G]
+    scores = pred.scores(qg, cache, index)
+    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+    residual = jnp.broadcast_to(residual_mask(positions, length, sinks, local),
+                                shape + (capacity,))
+    if proposal == "uniform":
+      p, temperatures = scores.astype(jnp.float32), (0.0,)  # the predictor ranks the top part
+    else:
+      similarity_bits = bits if proposal == "simhash" else head_dim * shape[2]
+      p, temperatures = importance.score_proxy(qg, index, scores, similarity_bits), \
+          importance.TEMPERATURES
+    p_max = importance.largest(p, residual)
+    out_f, lse_f, exact_count = exact_part(q, cache, sinks, local)
+    exact_count = jnp.broadcast_to(exact_count, shape)
+    n_s = jnp.sum(residual, axis=-1, dtype=jnp.int32)
+    n_sf = n_s.astype(jnp.float32)
+
+    # Base sample: Poisson, shaped by the pilot proposal, about m0 tokens.
+    key_base, key_final = jax.random.split(key)
+    m0_want = jnp.minimum(jnp.maximum(float(min_base), jnp.ceil(base_rate * n_sf)), n_sf)
+    weights_by_tau = importance.tempered(p, residual, p_max, temperatures + (
+        () if proposal == "uniform" else (importance.BASE_TEMPERATURE,)))
+    pilot = None
+    if proposal != "uniform":  # the pilot proposal, with the same defensive share
+      a_pilot, mean_pilot = weights_by_tau[importance.BASE_TEMPERATURE]
+      pilot = a_pilot + mix * mean_pilot[..., None]
+    base_pos, base_mask, rho, _ = importance.base_sample(
+        key_base, pilot, residual, m0_want,
+        importance.list_size(max(base_rate, min_base / capacity), capacity))
+    weights = jnp.where(base_mask, 1.0 / jnp.where(base_mask, rho, 1.0), 0.0)
+    base_s = selected_scores(qg, cache, base_pos, scores, pred)
+    terms = [base_terms(base_s, base_mask, weights, values, base_pos, (out_f, lse_f), g)
+             for g in ((guarantee, "denominator") if guarantee == "output" else (guarantee,))]
+    m0 = jnp.sum(base_mask, -1)
+    p_base = jnp.take_along_axis(p, base_pos, axis=-1)
+    thr = importance.thresholds(p_base, weights, n_s)
+    # Exact residual counts at or above each candidate threshold (one fused pass over p).
+    top_counts = jnp.sum(residual[..., None, :] & (p[..., None, :] >= thr[..., None]), -1)
+    mean_a = jnp.stack([weights_by_tau[t][1] for t in temperatures if t > 0]
+                       or [jnp.ones_like(p_max)], -1)
+    common = (p_base, rho, base_mask, [y for y, _ in terms], n_s, top_counts, thr, p_max,
+              mean_a, temperatures, mix)
+    if density is None:
+      limit = max_fraction * n_sf
+      policy = importance.choose(*common, target_vars=[
+          jnp.where(target > 0, (scale * target)**2, 0.0) for (_, target), scale in zip(
+              terms, target_scales)], cap=limit, min_uniform=min_base)
+      size = importance.list_size(max_fraction, capacity)
+    else:
+      limit = jnp.clip(jnp.ceil(density * length.astype(jnp.float32))[:, None, None]
+                       - exact_count, 0.0, n_sf)
+      policy = importance.choose(*common, size=limit)
+      size = importance.list_size(density, capacity)
+    # The base only estimated the expected size: fit it exactly (lowering c is a clip).
+    a = importance.proposal(policy, weights_by_tau, mix)
+    policy, lowered = importance.fit(p, residual, policy, a, limit)
+    policy = policy._replace(clipped=policy.clipped | (lowered & (density is None)))
+    out_s, lse_s, pos, mask, top, overflow, expected = importance.residual_estimate(
+        q, cache, p, residual, policy, a, key_final, size)
+    out, lse = combine_lse([out_f, out_s], [lse_f, lse_s])
+
+    taken = jnp.sum(mask, -1).astype(jnp.float32)
+    top = top.astype(jnp.float32)
+    read = exact_count + taken + m0.astype(jnp.float32) - overlap(base_pos, base_mask, pos, mask,
+                                                                         capacity)
+    return make_result(
+        q, out, lse, exact_count + taken, cache, topk=top, residual=n_sf,
+        base=m0.astype(jnp.float32), budget=taken - top,
+        budget_clipped=policy.clipped | (overflow > 0), read=read,
+        read_all_keys=jnp.full(shape, pred.reads_all_keys),
+        temperature=jnp.where(policy.uniform, 0.0, policy.tau),
+        expected=expected, selected_overflow=overflow.astype(jnp.float32))
+
   return Estimator(init, pred.append, attend)
+
+
+def overlap(pos_a, mask_a, pos_b, mask_b, num_tokens: int) -> jax.Array:
+  """``float32 [...]``: tokens in both position lists (each without repeats)."""
+  in_a = selection.positions_mask(pos_a, mask_a, num_tokens)
+  return jnp.sum(mask_b & jnp.take_along_axis(in_a, pos_b, axis=-1), -1).astype(jnp.float32)

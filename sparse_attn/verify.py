@@ -35,6 +35,7 @@ class Config:
       ("denominator", 0.05), ("numerator", 0.05), ("numerator", 0.1), ("output", 0.05),
       ("output", 0.1))
   predictor: str = "oracle"
+  proposal: str = "uniform"  # vattention's residual sampler (its own predictor if not uniform)
   magicpig_tables: tuple[int, ...] = (75, 150, 300, 600, 1200)  # K=10, L from this grid
   seed: int = 0
 
@@ -110,43 +111,80 @@ def head_exact(exact: sa.AttentionResult, h: int) -> sa.AttentionResult:
                             exact.density[:, h:h + 1], {})
 
 
+def spotlight_params(cfg: Config, cache: sa.KVCache) -> dict:
+  """Hash heads for the ``"spotlight"`` proposal, trained (``sa.train.fit_hash_heads``) on
+  fresh queries of the same heads against the problem's keys, as an index would be trained
+  on a model's own queries and keys."""
+  scales = cfg.min_scale * (cfg.max_scale / cfg.min_scale)**np.linspace(0, 1, cfg.heads)
+  q_train, _ = synthetic.llm_like(
+      jax.random.PRNGKey(cfg.seed), batch=1, num_kv_heads=cfg.heads, group=1,
+      capacity=cfg.length, head_dim=cfg.head_dim, query_scale=jnp.asarray(scales)[None, :],
+      num_queries=32)
+  start = sa.hash_heads.init_params(jax.random.PRNGKey(cfg.seed + 4), cfg.heads, cfg.head_dim)
+  params, _ = sa.train.fit_hash_heads(
+      start, [(q_train, cache.keys)], steps=100, key=jax.random.PRNGKey(cfg.seed + 5),
+      progress=False, learning_rate=1e-2,
+      loss_kwargs=dict(causal=False, max_queries=32, max_top=64, max_other=256))
+  return params
+
+
+def estimator(cfg: Config, guarantee: str, epsilon: float, proposal: str,
+              hash_params: dict | None) -> sa.Estimator:
+  if proposal == "uniform":
+    return sa.vattention(epsilon, cfg.delta, guarantee=guarantee, predictor=cfg.predictor)
+  return sa.vattention(epsilon, cfg.delta, guarantee=guarantee, proposal=proposal,
+                       hash_params=hash_params)
+
+
 def run(cfg: Config = Config(), log=print) -> dict:
   scales, q, cache = problem(cfg)
   exact = sa.dense_attention(q, cache)
-  results = []
+  params = spotlight_params(cfg, cache) if cfg.proposal == "spotlight" else None
+  results, uniform = [], []
   for guarantee, epsilon in cfg.cases:
-    est = sa.vattention(epsilon, cfg.delta, guarantee=guarantee, predictor=cfg.predictor)
+    est = estimator(cfg, guarantee, epsilon, cfg.proposal, params)
     cov = coverage(cfg, est, q, cache, exact, guarantee, epsilon)
     log(f"  {guarantee} eps={epsilon}: {cfg.trials} trials done", file=sys.stderr)
     results.append({"guarantee": guarantee, "epsilon": epsilon, **cov})
+    if cfg.proposal != "uniform":  # the uniform residual at the same (epsilon, delta)
+      base = coverage(cfg, estimator(cfg, guarantee, epsilon, "uniform", None), q, cache,
+                      exact, guarantee, epsilon)
+      uniform.append({"density": base["density"], "passed": base["passed"]})
   # Error comparison at the density of the output-guarantee run with the largest epsilon
   # (the one least often clipped).
   ref_run = max((r for r in results if r["guarantee"] == "output"),
                 key=lambda r: r["epsilon"], default=results[0])
   comparison = compare_at_density(cfg, q, cache, exact, ref_run["density"])
   return {"config": dataclasses.asdict(cfg), "scales": scales, "results": results,
-          "comparison": comparison, "comparison_case": (ref_run["guarantee"],
+          "uniform": uniform, "comparison": comparison, "comparison_case": (ref_run["guarantee"],
                                                         ref_run["epsilon"])}
 
 
 def format_report(report: dict) -> str:
   cfg = report["config"]
+  proposal = cfg.get("proposal", "uniform")
+  sampler = (f"predictor={cfg['predictor']}" if proposal == "uniform" else
+             f"proposal={proposal} (its own codes rank the top part)")
   lines = [f"vAttention coverage: n={cfg['length']}, D={cfg['head_dim']}, {cfg['heads']} heads "
            f"(query scale {cfg['min_scale']}..{cfg['max_scale']}), {cfg['trials']} sampling "
-           f"keys per head, delta={cfg['delta']}, predictor={cfg['predictor']}", ""]
-  for r in report["results"]:
+           f"keys per head, delta={cfg['delta']}, {sampler}", ""]
+  uniform = report.get("uniform") or [None] * len(report["results"])
+  for r, base in zip(report["results"], uniform):
     clipped_heads = int(np.sum(r["clipped_trials"] > 0))
     lines.append(f"guarantee={r['guarantee']} epsilon={r['epsilon']}: heads with clipped "
                  f"trials: {clipped_heads}; all unclipped heads within bound: "
-                 f"{bool(np.all(r['passed']))}")
+                 f"{bool(np.all(r['passed']))}" + ("" if base is None else
+                 f"; uniform residual ({cfg['predictor']} top-k) density alongside"))
     lines.append(f"{'head':>4}{'scale':>7}{'density':>9}{'fail rate':>11}{'bound':>8}"
-                 f"{'clipped':>9}{'mean D^/D':>11}{'o err med':>11}")
+                 f"{'clipped':>9}{'mean D^/D':>11}{'o err med':>11}"
+                 + ("" if base is None else f"{'uniform':>9}"))
     for h, s in enumerate(report["scales"]):
       rate = r["failure_rate"][h]
       lines.append(f"{h:>4}{s:>7.2f}{r['density'][h]:>9.4f}"
                    f"{('   n/a' if np.isnan(rate) else f'{rate:.3f}'):>11}{r['bound'][h]:>8.3f}"
                    f"{int(r['clipped_trials'][h]):>9}{r['mean_ratio'][h]:>11.4f}"
-                   f"{r['output_error_median'][h]:>11.4f}")
+                   f"{r['output_error_median'][h]:>11.4f}"
+                   + ("" if base is None else f"{base['density'][h]:>9.4f}"))
     lines.append("")
   case = report["comparison_case"]
   ref_run = next(r for r in report["results"] if (r["guarantee"], r["epsilon"]) == tuple(case))

@@ -69,8 +69,8 @@ def test_iou():
 
 TINY = ee.Config(tasks=("needle_single",), methods=(
     "dense", "streaming", "topk 2% (oracle)", "vattention e=d=0.05",
-    "linear hash 2% (untrained)"), instances=3, attention_instances=1, queries=2, seeds=2,
-    batch=3)
+    "vattention simhash e=d=0.05", "linear hash 2% (untrained)"), instances=3,
+    attention_instances=1, queries=2, seeds=2, batch=3)
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +103,16 @@ def test_tiny_run_summary_and_outputs(tiny_report, tmp_path):
   # The oracle top-k holds the oracle's top 2% (up to GQA: its list is shared by the group).
   assert all(r >= i for r, i in zip(topk["recall_layer"], topk["iou_layer"]))
   assert "iou_layer" not in rows["vattention e=d=0.05"]  # value-dependent: no probe
-  failure = rows["vattention e=d=0.05"]["vattention_failure"]
   draws = TINY.attention_instances * TINY.queries * TINY.seeds * 8  # 8 query heads
-  assert [r["trials"] for r in failure] == [round((1 - r["clipped"]) * draws) for r in failure]
+  for name in ("vattention e=d=0.05", "vattention simhash e=d=0.05"):
+    failure = rows[name]["vattention_failure"]
+    assert [r["trials"] for r in failure] == [round((1 - r["clipped"]) * draws)
+                                              for r in failure]
   for row in rows.values():
     assert all(np.isfinite(row["err_layer"]))
   text = er.format_report(tiny_report)
-  assert "vAttention meets its (epsilon, delta)" in text and "needle" in text
+  assert "vattention meets its (epsilon, delta)" in text and "needle" in text
+  assert "vattention simhash meets its (epsilon, delta)" in text
   er.save_json(tiny_report, tmp_path / "r.json")
   saved = json.loads((tmp_path / "r.json").read_text())
   assert set(saved["methods"]) == set(TINY.methods)

@@ -1,0 +1,177 @@
+"""vAttention's importance-sampling residual (``proposal="simhash" | "spotlight"``, ``density``)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparse_attn as sa
+from sparse_attn import importance, predictors, synthetic, verify
+from tests import reference as ref
+
+
+def problem(lengths=(2048, 1500), capacity=2048, scale=0.7, dtype=jnp.float32, group=2):
+  return synthetic.llm_like(jax.random.PRNGKey(0), batch=len(lengths), num_kv_heads=2,
+                            group=group, capacity=capacity, head_dim=32,
+                            length=jnp.array(lengths, jnp.int32), query_scale=scale, dtype=dtype)
+
+
+def hash_params(cache):
+  return sa.hash_heads.init_params(jax.random.PRNGKey(4), cache.keys.shape[1],
+                                   cache.keys.shape[3])
+
+
+def test_score_proxy_is_the_angle_estimate_times_the_norms():
+  q, cache = problem()
+  pred = predictors.simhash(bits=128, norms=True)
+  state = pred.init(cache, jax.random.PRNGKey(1))
+  qg = q.reshape(2, 2, 2, 32)
+  p = np.asarray(importance.score_proxy(qg, state, pred.scores(qg, cache, state), 128))
+  # float64 numpy: signs of the projections of the query and the centred keys.
+  planes = ref.f64(state.planes)
+  keys = ref.f64(cache.keys) - ref.f64(state.key_mean)[:, :, None, :]
+  q64 = ref.f64(qg)
+  agree = ((q64 @ planes)[:, :, :, None, :] > 0) == ((keys @ planes)[:, :, None, :, :] > 0)
+  cos = np.cos(math.pi * (1 - agree.mean(-1)))
+  want = (np.linalg.norm(q64, axis=-1)[..., None] * np.linalg.norm(keys, axis=-1)[:, :, None]
+          * cos / math.sqrt(32))
+  hashed = np.arange(2048)[None, :] < np.asarray(cache.length)[:, None]
+  mask = np.broadcast_to(hashed[:, None, None, :], want.shape)
+  # bf16 norms: 3 significant digits.
+  np.testing.assert_allclose(p[mask], want[mask], rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def test_base_sample_is_poisson_with_the_wanted_size():
+  key = jax.random.PRNGKey(0)
+  p = jax.random.normal(key, (2, 3, 1000)) * 3.0
+  residual = jnp.broadcast_to(jnp.arange(1000)[None, None, :] < jnp.array([[[1000]], [[600]]]),
+                              p.shape)
+  p_max = importance.largest(p, residual)
+  want = jnp.full((2, 3), 100.0)
+  a, mean = importance.tempered(p, residual, p_max, (1.0,))[1.0]
+  pilot = a + 0.1 * mean[..., None]
+  draw = jax.jit(lambda k: importance.base_sample(k, pilot, residual, want, 400))
+  pos, mask, rho, overflow = draw(key)
+  assert int(jnp.max(overflow)) == 0
+  # Below the cap of 1, the probabilities are proportional to the proposal a + 0.1 mean(a).
+  res = np.asarray(residual)
+  a = np.exp(ref.f64(p) - ref.f64(p_max)[..., None]) * res
+  a = np.where(res, a + 0.1 * a.sum(-1, keepdims=True) / res.sum(-1, keepdims=True), 0.0)
+  listed = np.take_along_axis(a, np.asarray(pos), -1)
+  m, rho = np.asarray(mask), np.asarray(rho)
+  assert np.all(res[np.arange(2)[:, None, None], np.arange(3)[None, :, None], np.asarray(pos)][m])
+  for b in range(2):
+    for h in range(3):
+      keep = m[b, h] & (rho[b, h] < 1)
+      ratio = rho[b, h][keep] / listed[b, h][keep]
+      np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
+  # The expected size is the wanted one (the cap's lost mass is put back): the mean count
+  # over 200 keys is within 4 standard errors of 100 (sd <= 10 per draw, Poisson-binomial).
+  counts = np.stack([np.asarray(draw(k)[1]).sum(-1) for k in jax.random.split(key, 200)])
+  assert np.all(np.abs(counts.mean(0) - 100) <= 4 * 10 / math.sqrt(200)), counts.mean(0)
+
+
+@pytest.mark.parametrize("proposal", ["simhash", "spotlight"])
+@pytest.mark.parametrize("mode", ["guarantee", "density"])
+def test_unbiased_numerator_and_denominator(proposal, mode):
+  # E[D_hat] = D and E[N_hat] = N: given the base sample (which sets the policy), the final
+  # draw is independent and weighted by 1/pi. 1000 keys on 8 queries: |z| <= 3.5 for each
+  # denominator (false alarm about 0.4% in all for normal means; the estimates are
+  # right-skewed, which makes low z more frequent), |z| <= 4 for the 8*32 numerator
+  # components (about 2%).
+  q, cache = problem(scale=0.5)
+  params = hash_params(cache) if proposal == "spotlight" else None
+  kwargs = dict(epsilon=0.1, delta=0.1, max_fraction=0.1) if mode == "guarantee" else dict(
+      density=0.05)
+  est = sa.vattention(proposal=proposal, hash_params=params, base_rate=0.02, min_base=32,
+                      **kwargs)
+  index = est.init(cache, jax.random.PRNGKey(1))
+  exact_out, exact_lse = ref.dense_attention(q, cache.keys, cache.values, cache.length)
+  trials = 1000
+  outs, lses, sampled, temps = jax.lax.map(
+      jax.jit(lambda k: (lambda r: (r.out, r.lse, r.stats["budget"], r.stats["temperature"]))(
+          est.attend(q, cache, index, k))), jax.random.split(jax.random.PRNGKey(2), trials))
+  assert float(jnp.std(sampled, axis=0).max()) > 0  # the sample really is random
+  assert float(jnp.max(temps)) > 0  # importance proposals were chosen, not only uniform
+  ratio = np.exp(ref.f64(lses) - exact_lse)
+  num = ratio[..., None] * ref.f64(outs)
+  se = ratio.std(0, ddof=1) / math.sqrt(trials)
+  assert np.all(np.abs(ratio.mean(0) - 1) <= 3.5 * se), (ratio.mean(0), se)
+  z = (num.mean(0) - exact_out) / (num.std(0, ddof=1) / math.sqrt(trials))
+  assert np.abs(z).max() <= 4
+
+
+def test_density_mode_reads_the_asked_fraction():
+  q, cache = problem(lengths=(2048, 2048), scale=1.0)
+  for density in (0.02, 0.1):
+    est = sa.vattention(density=density, proposal="simhash")
+    index = est.init(cache, jax.random.PRNGKey(1))
+    dens = np.mean([np.asarray(est.attend(q, cache, index, jax.random.PRNGKey(s)).density)
+                    for s in range(20)], axis=0)
+    # The window (68 tokens, 3.3%) is always attended: 2% is the window alone.
+    want = max(density, 68 / 2048)
+    np.testing.assert_allclose(dens, want, rtol=0.15)
+
+
+def test_importance_needs_fewer_tokens_on_peaked_heads_and_keeps_its_promise():
+  # The coverage experiment, small: 4 heads from flat to peaked, 100 keys per head, output
+  # guarantee eps = 0.1. On each unclipped head, failures <= delta + 3 sd (false alarm
+  # about 0.2% per head if the true rate were delta). Peaked heads read far fewer tokens
+  # than the uniform residual (whose top-k 2% and base floor it always pays).
+  cfg = verify.Config(length=2048, heads=4, trials=100, cases=(("output", 0.1),),
+                      proposal="simhash")
+  scales, q, cache = verify.problem(cfg)
+  exact = sa.dense_attention(q, cache)
+  est = sa.vattention(0.1, cfg.delta, guarantee="output", proposal="simhash")
+  cov = verify.coverage(cfg, est, q, cache, exact, "output", 0.1)
+  assert np.all(cov["passed"]), cov
+  base = verify.coverage(cfg, sa.vattention(0.1, cfg.delta, guarantee="output"), q, cache,
+                         exact, "output", 0.1)
+  assert cov["density"][-1] < 0.5 * base["density"][-1], (cov["density"], base["density"])
+
+
+def test_bf16_short_cache_and_empty_residual_no_nan():
+  q, cache = problem(lengths=(2048, 50), dtype=jnp.bfloat16)
+  for kwargs in (dict(epsilon=0.1, delta=0.1), dict(density=0.05)):
+    for proposal in ("simhash", "spotlight", "uniform"):
+      params = hash_params(cache) if proposal == "spotlight" else None
+      est = sa.vattention(proposal=proposal, hash_params=params, **kwargs)
+      res = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+      assert res.out.dtype == jnp.bfloat16
+      assert bool(jnp.all(jnp.isfinite(res.out.astype(jnp.float32))))
+      # 50 tokens: all inside the window (4 + 64), so the estimate is exact.
+      out, _ = ref.dense_attention(q[1:], cache.keys[1:], cache.values[1:], cache.length[1:])
+      assert ref.relative_error(res.out[1:], out).max() <= 1e-2
+
+
+def test_append_keeps_norms_and_matches_a_fresh_index():
+  q, cache = problem(lengths=(1500, 1000))
+  est = sa.vattention(0.1, 0.1, proposal="simhash")
+  grown = cache._replace(length=cache.length + 300)
+  appended = est.append(est.init(cache, jax.random.PRNGKey(1)), grown)
+  fresh = est.init(grown, jax.random.PRNGKey(1))
+  # The centring mean is fixed at init, so compare with the appended index's own hashing.
+  for b, n in enumerate(np.asarray(grown.length)):
+    assert np.all(np.asarray(appended.norms[b, :, :n], np.float32) > 0)
+  assert appended.norms.dtype == fresh.norms.dtype == jnp.bfloat16
+  res = est.attend(q, grown, appended, jax.random.PRNGKey(3))
+  assert bool(jnp.all(jnp.isfinite(res.out)))
+
+
+def test_validation():
+  with pytest.raises(ValueError, match="proposal"):
+    sa.vattention(0.1, 0.1, proposal="lsh")
+  with pytest.raises(ValueError, match="predictor must be 'simhash'"):
+    sa.vattention(0.1, 0.1, proposal="simhash", predictor="oracle")
+  with pytest.raises(ValueError, match="epsilon and delta"):
+    sa.vattention(proposal="simhash")
+  with pytest.raises(ValueError, match="density fixes the size"):
+    sa.vattention(0.1, 0.1, density=0.05)
+  with pytest.raises(ValueError, match="density must be"):
+    sa.vattention(density=1.5)
+  with pytest.raises(ValueError, match="mix"):
+    sa.vattention(0.1, 0.1, proposal="simhash", mix=0.0)
+  with pytest.raises(ValueError, match="hash_params"):
+    sa.vattention(0.1, 0.1, proposal="spotlight")
