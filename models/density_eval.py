@@ -41,6 +41,8 @@ class Config:
   model: str = ee.REFERENCE
   tasks: tuple[str, ...] = ("needle_single", "variable_tracking", "common_words")
   instances: int = 4  # per task
+  queries: int = 4  # answer-predicting positions per instance
+  hash_steps: int = 60  # Spotlight training steps per layer (reference model)
   length: int = 1024
   synthetic_length: int = 16384
   synthetic_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -99,7 +101,8 @@ def model_cells(cfg: Config, tick) -> list[dict]:
   codec = Codec(cfg.model, model_cfg.vocab_size)
   corpus = tasks.load_corpus()
   eval_cfg = ee.Config(model=cfg.model, tasks=cfg.tasks, length=cfg.length, seed=cfg.seed,
-                       attention_instances=cfg.instances)
+                       attention_instances=cfg.instances, queries=cfg.queries,
+                       hash_steps=cfg.hash_steps)
   trained, _ = ee.train_spotlight(model, model_cfg, eval_cfg, corpus, codec, tick)
   per_layer = {layer: [] for layer in range(model_cfg.num_layers)}
   for task in cfg.tasks:
@@ -127,7 +130,7 @@ def synthetic_cells(cfg: Config, tick) -> list[dict]:
                                     query_scale=scale, num_queries=16)
     params, _ = sa.train.fit_hash_heads(
         sa.hash_heads.init_params(jax.random.PRNGKey(cfg.seed + 4), 4, 128),
-        [(q_train, cache.keys)], steps=60, key=jax.random.PRNGKey(cfg.seed + 5),
+        [(q_train, cache.keys)], steps=cfg.hash_steps, key=jax.random.PRNGKey(cfg.seed + 5),
         progress=False, learning_rate=1e-2,
         loss_kwargs=dict(causal=False, max_queries=16, max_top=64, max_other=256))
     exact = sa.dense_attention(q, cache).out

@@ -236,16 +236,21 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     check_key(key)
     return (_attend_importance if sampled else _attend)(q, cache, index, key)
 
+  def scored(q, cache, index):
+    """``(qg [B, Hkv, G, D], predictor scores [B, Hkv, G, S], residual mask, same shape)``."""
+    qg = group_queries(q, cache.keys.shape[1])
+    capacity = cache.keys.shape[2]
+    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+    residual = jnp.broadcast_to(residual_mask(positions, cache.length, sinks, local),
+                                qg.shape[:3] + (capacity,))
+    return qg, pred.scores(qg, cache, index), residual
+
   @jax.jit
   def _attend(q, cache, index, key):
     keys, values, length = cache
-    batch, num_kv_heads, capacity, _ = keys.shape
-    qg = group_queries(q, num_kv_heads)
+    capacity = keys.shape[2]
+    qg, scores, residual = scored(q, cache, index)
     shape = qg.shape[:3]  # [B, Hkv, G]
-    scores = pred.scores(qg, cache, index)
-    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
-    residual = jnp.broadcast_to(residual_mask(positions, length, sinks, local),
-                                shape + (capacity,))
 
     # Deterministic part: sinks + local (exact_part) and the predictor's top-k.
     out_f, lse_f, exact_count = exact_part(q, cache, sinks, local)
@@ -303,13 +308,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
   @jax.jit
   def _attend_importance(q, cache, index, key):
     keys, values, length = cache
-    batch, num_kv_heads, capacity, head_dim = keys.shape
-    qg = group_queries(q, num_kv_heads)
+    capacity, head_dim = keys.shape[2:]
+    qg, scores, residual = scored(q, cache, index)
     shape = qg.shape[:3]  # [B, Hkv, G]
-    scores = pred.scores(qg, cache, index)
-    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
-    residual = jnp.broadcast_to(residual_mask(positions, length, sinks, local),
-                                shape + (capacity,))
     if proposal == "uniform":
       p, temperatures = scores.astype(jnp.float32), (0.0,)  # the predictor ranks the top part
     else:

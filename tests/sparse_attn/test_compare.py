@@ -48,4 +48,5 @@ def test_bench_subcommand_times_every_method_against_dense(tmp_path, capsys):
   assert max(row["speedup_vs_dense"]["dense (XLA)"], row["speedup_vs_dense"]["dense_attention"]) \
       == 1.0
   assert set(row["step_ms"]) == {"dense (XLA)", "dense_attention", "magicpig", "spotlight",
-                                 "topk_simhash", "vattention", "streaming"}
+                                 "topk_simhash", "vattention", "vattention_simhash",
+                                 "vattention_spotlight", "streaming"}
