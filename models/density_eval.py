@@ -128,11 +128,9 @@ def synthetic_cells(cfg: Config, tick) -> list[dict]:
     q_train, _ = synthetic.llm_like(jax.random.PRNGKey(cfg.seed), batch=1, num_kv_heads=4,
                                     group=4, capacity=cfg.synthetic_length, head_dim=128,
                                     query_scale=scale, num_queries=16)
-    params, _ = sa.train.fit_hash_heads(
-        sa.hash_heads.init_params(jax.random.PRNGKey(cfg.seed + 4), 4, 128),
-        [(q_train, cache.keys)], steps=cfg.hash_steps, key=jax.random.PRNGKey(cfg.seed + 5),
-        progress=False, learning_rate=1e-2,
-        loss_kwargs=dict(causal=False, max_queries=16, max_top=64, max_other=256))
+    params, _ = sa.train.fit_on_keys(
+        sa.hash_heads.init_params(jax.random.PRNGKey(cfg.seed + 4), 4, 128), q_train,
+        cache.keys, steps=cfg.hash_steps, key=jax.random.PRNGKey(cfg.seed + 5), max_queries=16)
     exact = sa.dense_attention(q, cache).out
     for density in cfg.densities:
       cells.append({"data": "LLM-shaped synthetic", "part": f"query scale {scale}",

@@ -119,10 +119,9 @@ def train_hash_heads(cfg: Config, log) -> tuple[dict, dict]:
   untrained = sa.hash_heads.init_params(jax.random.PRNGKey(cfg.seed + 2), cfg.num_kv_heads,
                                         cfg.head_dim)
   start = time.perf_counter()
-  trained, history = sa.train.fit_hash_heads(
-      untrained, [(train_q, keys)], steps=cfg.hash_steps, key=jax.random.PRNGKey(cfg.seed + 3),
-      progress=False, learning_rate=1e-2,
-      loss_kwargs=dict(causal=False, max_queries=32, max_top=64, max_other=128))
+  trained, history = sa.train.fit_on_keys(
+      untrained, train_q, keys, steps=cfg.hash_steps, key=jax.random.PRNGKey(cfg.seed + 3),
+      max_other=128)
   log(f"  trained hash heads in {time.perf_counter() - start:.1f} s (loss "
       f"{history['loss'][0]:.3f} -> {history['loss'][-1]:.3f})", file=sys.stderr)
   return untrained, trained

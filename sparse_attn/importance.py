@@ -62,9 +62,9 @@ claimed) and the candidate with the least variance at that size is taken. With `
 the size is fixed (``density * n`` tokens in all, the exact window included) and the
 candidate with the least estimated variance of the first quantity is taken; a top part that
 alone exceeds the size rules its candidate out. The base only estimates a Poisson head's
-expected size: ``fit`` then lowers :math:`c` until the exact expected size over every residual
-token is within the limit (under ``(epsilon, delta)`` that is flagged as a clip), so the
-static sample list does not overflow.
+expected size: the draw (``residual_estimate``) lowers :math:`c` until the exact expected
+size over every residual token is within the limit (under ``(epsilon, delta)`` that is
+flagged as a clip), so the static sample list does not overflow.
 """
 
 from __future__ import annotations
@@ -173,12 +173,17 @@ class Policy(NamedTuple):
   clipped: jax.Array
 
 
+def defended(a, mean_a, mix):
+  """``a + mix * mean(a)``: the proposal with its defensive uniform share."""
+  return a + mix * mean_a[..., None]
+
+
 def proposal(policy: Policy, weights: dict, mix):
-  """``a + mix * mean(a)`` of each token under each head's chosen temperature (``weights``
-  from ``tempered``; a uniform head's entry is unused), ``[..., S]``."""
+  """The proposal of each head's chosen temperature (``weights`` from ``tempered``; a
+  uniform head's entry is unused), ``[..., S]``."""
   tau = policy.tau[..., None]
-  a = sum(jnp.where(tau == t, w, 0.0) for t, (w, _) in weights.items())
-  return a + mix * policy.mean_a[..., None]
+  return defended(sum(jnp.where(tau == t, w, 0.0) for t, (w, _) in weights.items()),
+                  policy.mean_a, mix)
 
 
 def inclusion(above, a, log_c):
@@ -211,21 +216,19 @@ def upper(terms: jax.Array, weights: jax.Array, rho: jax.Array) -> jax.Array:
   return total + UCB * jnp.sqrt(var)
 
 
-def choose(p_base, rho, base_mask, ys, n_s, top_counts, thr, p_max, mean_a, temperatures,
+def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, temperatures,
            mix, *, target_vars=None, size=None, cap=None, min_uniform: int = 2) -> Policy:
   """The split policy (module docstring) on the base sample.
 
   Args:
-    p_base, rho, base_mask: ``[L..., M]`` proxies, inclusion probabilities and mask of the
-      base tokens.
+    p, residual: ``[L..., S]`` proxies and residual mask of every token.
+    base_pos, rho, base_mask: ``[L..., M]`` positions, inclusion probabilities and mask of
+      the base tokens.
     ys: a tuple of ``[L..., M, dy]`` quantities on them (zero outside the mask) whose
       residual totals must be estimated: the guaranteed one first (the only one in
       ``density`` mode).
-    n_s: ``[L...]`` residual size.
-    top_counts: ``[L..., J]`` residual tokens at or above each threshold ``thr [L..., J]``
-      (exact counts).
     p_max: ``[L...]`` the largest proxy over the residual.
-    mean_a: ``[L..., T]`` the exact mean proposal weight per Poisson temperature.
+    weights_by_tau: from ``tempered``, for every positive temperature.
     temperatures: static tuple; ``0`` is the fixed-size uniform candidate, the others
       Poisson proposals.
     target_vars: per ``ys`` entry ``[L...]``, the variance bound of its estimate
@@ -236,7 +239,12 @@ def choose(p_base, rho, base_mask, ys, n_s, top_counts, thr, p_max, mean_a, temp
       few draws), as vAttention's ``min_base``.
   """
   weights = jnp.where(base_mask, 1.0 / jnp.where(base_mask, rho, 1.0), 0.0)
-  k = top_counts.astype(jnp.float32)  # [L, J]
+  n_s = jnp.sum(residual, -1)
+  p_base = jnp.take_along_axis(p, base_pos, axis=-1)
+  thr = thresholds(p_base, weights, n_s)  # [L, J]
+  # Exact residual counts at or above each threshold (one fused pass over p).
+  k = jnp.sum(residual[..., None, :] & (p[..., None, :] >= thr[..., None]), -1).astype(
+      jnp.float32)
   n_r = n_s.astype(jnp.float32)[..., None] - k
   top = base_mask[..., None, :] & (p_base[..., None, :] >= thr[..., None])  # [L, J, M]
   rest_w = jnp.where(top, 0.0, weights[..., None, :])  # [L, J, M]
@@ -260,11 +268,11 @@ def choose(p_base, rho, base_mask, ys, n_s, top_counts, thr, p_max, mean_a, temp
   # placeholder that is never chosen).
   poisson = tuple(t for t in temperatures if t > 0)
   taus = jnp.asarray(poisson or (1.0,), jnp.float32)
-  mean_a = mean_a if poisson else jnp.ones(n_s.shape + (1,), jnp.float32)
+  mean_a = jnp.stack([weights_by_tau[t][1] for t in poisson] or [jnp.ones_like(p_max)], -1)
   mask = base_mask[..., None, None, :]
   a = proposal_weight(p_base[..., None, None, :], taus.reshape((1,) * n_s.ndim + (1, -1, 1)),
                       p_max[..., None, None, None])
-  a = jnp.where(mask, a + mix * mean_a[..., None, :, None], 1.0)  # [L, 1, T, M]
+  a = jnp.where(mask, defended(a, mean_a[..., None, :], mix), 1.0)  # [L, 1, T, M]
   w_p, rho_p = rest_w[..., :, None, :], rho[..., None, None, :]
   rest_p = w_p > 0
   shape = thr.shape + taus.shape  # [L, J, T]
@@ -342,28 +350,14 @@ def choose(p_base, rho, base_mask, ys, n_s, top_counts, thr, p_max, mean_a, temp
                 size=pick_j(b), rest=pick_j(n_r), clipped=clipped)
 
 
-def fit(p, residual, policy: Policy, a, limit) -> tuple[Policy, jax.Array]:
-  """Scales a Poisson head's ``c`` down until its exact expected size (over every residual
-  token, not the base's estimate) is within ``limit [...]``.
+def residual_estimate(q, cache, p, residual, policy: Policy, a, limit, key, size: int):
+  """Fits a Poisson head's expected size, draws the residual sample by the policy and
+  attends over it.
 
-  ``E(c) = sum_R min(1, c a_i)`` (top part included) is concave in ``c`` with ``E(0) = k``,
-  so ``c <- c (limit - k) / (E(c) - k)`` never undershoots; three steps. ``a``: from
-  ``proposal``. Returns the policy and whether ``c`` was lowered.
-  """
-  above = p >= policy.threshold[..., None]
-  k = jnp.sum(residual & above, -1).astype(jnp.float32)
-  rest = residual & ~above
-  log_c = policy.log_c
-  for _ in range(3):
-    got = k + jnp.sum(jnp.where(rest, jnp.minimum(1.0, jnp.exp(log_c)[..., None] * a), 0.0), -1)
-    over = ~policy.uniform & (got > limit + 0.5) & (limit > k)
-    log_c = jnp.where(over, log_c + jnp.log(jnp.maximum(limit - k, 1e-6) / jnp.maximum(
-        got - k, 1e-6)), log_c)
-  return policy._replace(log_c=log_c), log_c < policy.log_c
-
-
-def residual_estimate(q, cache, p, residual, policy: Policy, a, key, size: int):
-  """Draws the residual sample by the policy and attends over it.
+  The base only estimated a Poisson head's expected size: ``c`` is lowered until the exact
+  one, ``E(c) = sum_R min(1, c a_i)`` (top part included), is within ``limit [...]``. ``E``
+  is concave in ``c`` with ``E(0) = k`` (the top part), so ``c <- c (limit - k) / (E(c) -
+  k)`` never undershoots; three steps.
 
   One list for both kinds of head: a Poisson head keeps token ``i`` when ``u_i < pi_i``; a
   uniform head first keeps the top part and every other token with ``u_i`` below an
@@ -373,18 +367,27 @@ def residual_estimate(q, cache, p, residual, policy: Policy, a, key, size: int):
 
   Args:
     p: ``[B, Hkv, G, S]`` proxies; ``residual``: bool, same shape.
-    policy: from ``choose`` (and ``fit``); ``a``: from ``proposal``.
+    policy: from ``choose``; ``a``: from ``proposal``.
     size: the static list size.
 
   Returns:
-    ``(out, lse, positions, mask, top, overflow, expected)``: the weighted partial result,
-    the sample (positions ``[B, Hkv, G, size]`` and mask), the number of certain (top)
-    tokens, of tokens that did not fit the list, and the expected sample size.
+    ``(out, lse, positions, mask, top, overflow, expected, lowered)``: the weighted partial
+    result, the sample (positions ``[B, Hkv, G, size]`` and mask), the number of certain
+    (top) tokens, of tokens that did not fit the list, the expected sample size, and whether
+    ``c`` was lowered.
   """
   above = p >= policy.threshold[..., None]
-  pi = inclusion(above, a, policy.log_c)
-  b = policy.size
   top = jnp.sum(residual & above, -1)
+  k = top.astype(jnp.float32)
+  log_c = policy.log_c
+  for _ in range(3):
+    got = jnp.sum(jnp.where(residual, inclusion(above, a, log_c), 0.0), -1)
+    over = ~policy.uniform & (got > limit + 0.5) & (limit > k)
+    log_c = jnp.where(over, log_c + jnp.log(jnp.maximum(limit - k, 1e-6) / jnp.maximum(
+        got - k, 1e-6)), log_c)
+  lowered = log_c < policy.log_c
+  pi = inclusion(above, a, log_c)
+  b = policy.size
   rest = jnp.maximum(policy.rest, 1.0)
   oversample = jnp.minimum(1.0, (b + 5.0 * jnp.sqrt(b) + 10.0) / rest)
   uniform = policy.uniform[..., None]
@@ -411,7 +414,7 @@ def residual_estimate(q, cache, p, residual, policy: Policy, a, key, size: int):
   out, lse = attend_rows(q, cache, positions, jnp.sum(mask, -1, dtype=jnp.int32), log_pi)
   expected = jnp.where(policy.uniform, top.astype(jnp.float32) + b,
                        jnp.sum(jnp.where(residual, pi, 0.0), -1))
-  return out, lse, positions, mask, top, overflow, expected
+  return out, lse, positions, mask, top, overflow, expected, lowered
 
 
 def list_size(fraction: float, capacity: int) -> int:

@@ -77,6 +77,18 @@ def stored(state) -> tuple[jax.Array, ...]:
   return (state.codes,) if state.norms is None else (state.codes, state.norms)
 
 
+def restored(state, new: tuple[jax.Array, ...], length: jax.Array):
+  """``state`` with the arrays of ``stored`` replaced by ``new``."""
+  return state._replace(codes=new[0], norms=new[1] if len(new) > 1 else None, length=length)
+
+
+def filled(state, cache: KVCache, derive, floats_per_token: int):
+  """A state of zeros (``codes``, and ``norms`` unless None) filled for every cached token."""
+  return restored(state, key_index.derive_all(stored(state), cache,
+                                              lambda rows: derive(state, rows),
+                                              floats_per_token), cache.length)
+
+
 def code_appender(derive, append_chunk: int):
   """``append`` for states with ``codes [B, Hkv, S, W]``, ``length`` and optional ``norms``:
   derives the values of the new tokens only, ``derive(state, keys [B, Hkv, n, D]) ->
@@ -87,7 +99,7 @@ def code_appender(derive, append_chunk: int):
   def _append(state, cache):
     new, length = key_index.append_rows(
         stored(state), state.length, cache, lambda rows: derive(state, rows), append_chunk)
-    return state._replace(codes=new[0], norms=new[1] if len(new) > 1 else None, length=length)
+    return restored(state, new, length)
 
   def append(state, cache):
     key_index.check_same_cache(state.codes, cache)
@@ -139,9 +151,7 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
     state = SimHashState(planes, key_mean, jnp.zeros((batch, num_kv, capacity, words),
                                                      jnp.uint32), cache.length,
                          jnp.zeros((batch, num_kv, capacity), NORM_DTYPE) if norms else None)
-    new = key_index.derive_all(stored(state), cache, lambda rows: derive(state, rows),
-                               bits + head_dim)
-    return state._replace(codes=new[0], norms=new[1] if norms else None)
+    return filled(state, cache, derive, bits + head_dim)
 
   def scores(qg, cache, state):
     q_codes = lsh.simhash(qg, state.planes, 32, words)  # [B, Hkv, G, W]
@@ -179,9 +189,7 @@ def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Pred
     state = SpotlightState(params, jnp.zeros((batch, num_kv, capacity, -(-head_dim // 32)),
                                              jnp.uint32), cache.length,
                            jnp.zeros((batch, num_kv, capacity), NORM_DTYPE) if norms else None)
-    new = key_index.derive_all(stored(state), cache, lambda rows: derive(state, rows),
-                               4 * head_dim)  # the MLP's activations
-    return state._replace(codes=new[0], norms=new[1] if norms else None)
+    return filled(state, cache, derive, 4 * head_dim)  # the MLP's activations
 
   def scores(qg, cache, state):
     batch, num_kv, group, head_dim = qg.shape

@@ -93,6 +93,18 @@ def fit_hash_heads(params: dict, batches: Iterable[tuple[jax.Array, jax.Array]],
   return params, history
 
 
+def fit_on_keys(params: dict, q: jax.Array, keys: jax.Array, *, steps: int, key: jax.Array,
+                max_queries: int = 32, max_other: int = 256) -> tuple[dict, dict]:
+  """Hash heads fitted to decode queries ``q [B, Hq, Tq, D]`` against one cache's keys
+  ``[B, Hkv, S, D]`` (non-causal: every query sees every key), at learning rate 1e-2 (the
+  recipe's 1e-3 needs about ten times the steps), quietly. ``(params, history)`` as
+  ``fit_hash_heads``."""
+  return fit_hash_heads(params, [(q, keys)], steps=steps, key=key, progress=False,
+                        learning_rate=1e-2, loss_kwargs=dict(
+                            causal=False, max_queries=max_queries, max_top=64,
+                            max_other=max_other))
+
+
 def topk_iou(params: dict, q: jax.Array, k: jax.Array, fraction: float = 0.02) -> jax.Array:
   """Mean IoU between the exact top tokens and the hash's top tokens, per query.
 

@@ -97,7 +97,7 @@ def budget(n0: jax.Array, n_s: jax.Array) -> jax.Array:
   return jnp.where(n0 > 0, n_s / (1.0 + (n_s - 1.0) / safe), 0.0)
 
 
-def base_sample(key, residual, n_s, base_rate: float, min_base: int):
+def uniform_base_sample(key, residual, n_s, base_rate: float, min_base: int):
   """``(positions, mask, m0)``: ``m0`` residual tokens drawn uniformly without replacement."""
   capacity = residual.shape[-1]
   m0_max = min(capacity, max(min_base, math.ceil(base_rate * capacity)))
@@ -271,7 +271,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
 
     # Base sample: m0 uniform draws without replacement from the residual.
     key_base, key_final = jax.random.split(key)
-    base_pos, base_mask, m0 = base_sample(key_base, residual, n_s, base_rate, min_base)
+    base_pos, base_mask, m0 = uniform_base_sample(key_base, residual, n_s, base_rate, min_base)
     m0f = jnp.maximum(m0.astype(jnp.float32), 1.0)
     y, target = base_terms(selected_scores(qg, cache, base_pos, scores, pred), base_mask,
                            jnp.where(base_mask, (n_sf / m0f)[..., None], 0.0), values,
@@ -328,10 +328,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     m0_want = jnp.minimum(jnp.maximum(float(min_base), jnp.ceil(base_rate * n_sf)), n_sf)
     weights_by_tau = importance.tempered(p, residual, p_max, temperatures + (
         () if proposal == "uniform" else (importance.BASE_TEMPERATURE,)))
-    pilot = None
-    if proposal != "uniform":  # the pilot proposal, with the same defensive share
-      a_pilot, mean_pilot = weights_by_tau[importance.BASE_TEMPERATURE]
-      pilot = a_pilot + mix * mean_pilot[..., None]
+    pilot = (None if proposal == "uniform" else  # with the same defensive share
+             importance.defended(*weights_by_tau[importance.BASE_TEMPERATURE], mix))
     base_pos, base_mask, rho, _ = importance.base_sample(
         key_base, pilot, residual, m0_want,
         importance.list_size(max(base_rate, min_base / capacity), capacity))
@@ -340,14 +338,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     terms = [base_terms(base_s, base_mask, weights, values, base_pos, (out_f, lse_f), g)
              for g in ((guarantee, "denominator") if guarantee == "output" else (guarantee,))]
     m0 = jnp.sum(base_mask, -1)
-    p_base = jnp.take_along_axis(p, base_pos, axis=-1)
-    thr = importance.thresholds(p_base, weights, n_s)
-    # Exact residual counts at or above each candidate threshold (one fused pass over p).
-    top_counts = jnp.sum(residual[..., None, :] & (p[..., None, :] >= thr[..., None]), -1)
-    mean_a = jnp.stack([weights_by_tau[t][1] for t in temperatures if t > 0]
-                       or [jnp.ones_like(p_max)], -1)
-    common = (p_base, rho, base_mask, [y for y, _ in terms], n_s, top_counts, thr, p_max,
-              mean_a, temperatures, mix)
+    common = (p, residual, base_pos, rho, base_mask, [y for y, _ in terms], p_max,
+              weights_by_tau, temperatures, mix)
     if density is None:
       limit = max_fraction * n_sf
       policy = importance.choose(*common, target_vars=[
@@ -359,12 +351,11 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
                        - exact_count, 0.0, n_sf)
       policy = importance.choose(*common, size=limit)
       size = importance.list_size(density, capacity)
-    # The base only estimated the expected size: fit it exactly (lowering c is a clip).
-    a = importance.proposal(policy, weights_by_tau, mix)
-    policy, lowered = importance.fit(p, residual, policy, a, limit)
-    policy = policy._replace(clipped=policy.clipped | (lowered & (density is None)))
-    out_s, lse_s, pos, mask, top, overflow, expected = importance.residual_estimate(
-        q, cache, p, residual, policy, a, key_final, size)
+    out_s, lse_s, pos, mask, top, overflow, expected, lowered = importance.residual_estimate(
+        q, cache, p, residual, policy, importance.proposal(policy, weights_by_tau, mix), limit,
+        key_final, size)
+    # The exact expected size above the base's estimate (c lowered) is a clip too.
+    clipped = policy.clipped | (lowered & (density is None)) | (overflow > 0)
     out, lse = combine_lse([out_f, out_s], [lse_f, lse_s])
 
     taken = jnp.sum(mask, -1).astype(jnp.float32)
@@ -374,7 +365,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     return make_result(
         q, out, lse, exact_count + taken, cache, topk=top, residual=n_sf,
         base=m0.astype(jnp.float32), budget=taken - top,
-        budget_clipped=policy.clipped | (overflow > 0), read=read,
+        budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys),
         temperature=jnp.where(policy.uniform, 0.0, policy.tau),
         expected=expected, selected_overflow=overflow.astype(jnp.float32))

@@ -121,11 +121,8 @@ def spotlight_params(cfg: Config, cache: sa.KVCache) -> dict:
       capacity=cfg.length, head_dim=cfg.head_dim, query_scale=jnp.asarray(scales)[None, :],
       num_queries=32)
   start = sa.hash_heads.init_params(jax.random.PRNGKey(cfg.seed + 4), cfg.heads, cfg.head_dim)
-  params, _ = sa.train.fit_hash_heads(
-      start, [(q_train, cache.keys)], steps=100, key=jax.random.PRNGKey(cfg.seed + 5),
-      progress=False, learning_rate=1e-2,
-      loss_kwargs=dict(causal=False, max_queries=32, max_top=64, max_other=256))
-  return params
+  return sa.train.fit_on_keys(start, q_train, cache.keys, steps=100,
+                              key=jax.random.PRNGKey(cfg.seed + 5))[0]
 
 
 def estimator(cfg: Config, guarantee: str, epsilon: float, proposal: str,
