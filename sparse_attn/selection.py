@@ -107,12 +107,39 @@ def top(scores: jax.Array, eligible: jax.Array, size: int,
     ``(positions int32 [..., size], valid bool [..., size])``, positions ascending.
   """
   keys = jnp.where(eligible, order_keys(scores), _INT32_MIN)
-  count = jnp.sum(eligible, axis=-1, keepdims=True, dtype=jnp.int32)
-  want = jnp.minimum(jnp.minimum(jnp.asarray(keep, jnp.int32), size), count)  # [..., 1]
-  want = jnp.broadcast_to(want, keys.shape[:-1] + (1,))
+  want = jnp.minimum(jnp.asarray(keep, jnp.int32), size)
+  want, threshold = _threshold(keys, eligible, want)
+  above = (keys > threshold) & eligible
+  ties = (keys == threshold) & eligible
+  # Every token above the threshold, and the first (want - count above) of the ties: those
+  # before the position of that tie.
+  need = want - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+  last_tie = _nth_set_bits(_pack(ties), jnp.maximum(need, 1))
+  positions = jnp.arange(keys.shape[-1], dtype=jnp.int32).reshape((1,) * (keys.ndim - 1) + (-1,))
+  chosen = above | (ties & (positions <= last_tie) & (need > 0))
+  return compact(chosen, size)[:2]
 
-  # Bisection for the largest threshold t with count(keys >= t) >= want, over [min, max] of
-  # the eligible keys (about log2 of the key range passes: ~10 for Hamming scores).
+
+def kth_largest(scores: jax.Array, eligible: jax.Array, keep: jax.Array) -> jax.Array:
+  """``float32 [...]``: the ``keep [...]``-th largest eligible score of ``scores [..., S]``
+  (float, no NaN); the smallest eligible one when fewer are eligible, ``-inf`` when none,
+  ``inf`` when ``keep < 1``."""
+  keep = jnp.asarray(keep, jnp.int32)
+  keys = jnp.where(eligible, order_keys(scores), _INT32_MIN)
+  _, key = _threshold(keys, eligible, jnp.maximum(keep, 1)[..., None])
+  bits = jnp.where(key < 0, jnp.int32(_INT32_MIN) - key - 1, key)  # order_keys inverted
+  value = jax.lax.bitcast_convert_type(bits, jnp.float32)[..., 0]
+  return jnp.where(keep < 1, jnp.inf, jnp.where(jnp.any(eligible, -1), value, -jnp.inf))
+
+
+def _threshold(keys, eligible, want):
+  """``(want, t)``, both ``[..., 1]``: ``want`` capped at the eligible count and the largest
+  key ``t`` with ``count(keys >= t) >= want``."""
+  count = jnp.sum(eligible, axis=-1, keepdims=True, dtype=jnp.int32)
+  want = jnp.broadcast_to(jnp.minimum(want, count), keys.shape[:-1] + (1,))
+
+  # Bisection over [min, max] of the eligible keys (about log2 of the key range passes: ~10
+  # for Hamming scores).
   lo = jnp.min(jnp.where(eligible, keys, jnp.iinfo(jnp.int32).max), axis=-1, keepdims=True)
   hi = jnp.max(keys, axis=-1, keepdims=True)
   lo = jnp.minimum(lo, hi)
@@ -128,15 +155,7 @@ def top(scores: jax.Array, eligible: jax.Array, size: int,
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
 
   threshold, _ = jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), bisect, (lo, hi))
-  above = (keys > threshold) & eligible
-  ties = (keys == threshold) & eligible
-  # Every token above the threshold, and the first (want - count above) of the ties: those
-  # before the position of that tie.
-  need = want - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
-  last_tie = _nth_set_bits(_pack(ties), jnp.maximum(need, 1))
-  positions = jnp.arange(keys.shape[-1], dtype=jnp.int32).reshape((1,) * (keys.ndim - 1) + (-1,))
-  chosen = above | (ties & (positions <= last_tie) & (need > 0))
-  return compact(chosen, size)[:2]
+  return want, threshold
 
 
 def positions_mask(positions: jax.Array, valid: jax.Array, num_tokens: int) -> jax.Array:

@@ -148,7 +148,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
                min_base: int = 128, max_fraction: float = 0.25,
                guarantee: str = "denominator", predictor: str | None = None,
                bits: int = 128, hash_params: dict | None = None, proposal: str = "uniform",
-               density: float | None = None, mix: float = 0.1) -> Estimator:
+               density: float | None = None, mix: float = 0.1,
+               unbiased: bool = True) -> Estimator:
   """vAttention estimator with a verified (epsilon, delta) guarantee.
 
   Args:
@@ -175,6 +176,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       that enter the estimate (exact window included); the split policy minimises the
       estimated variance at that size and no guarantee is claimed.
     mix: the defensive uniform share of the importance proposals (``importance``).
+    unbiased: False (with ``density`` only) lets a head keep its top part alone, without a
+      residual sample, when the base estimates the dropped residual's squared error below
+      every unbiased candidate's variance: the least estimated error, no longer unbiased.
 
   Returns:
     An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
@@ -213,6 +217,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     if not 0.0 < density <= 1.0:
       raise ValueError(f"density must be in (0, 1], got {density!r}")
     z = None
+  if not unbiased and density is None:
+    raise ValueError("unbiased=False is a density-mode option: an (epsilon, delta) guarantee "
+                     "needs the unbiased estimate")
   if not 0.0 <= topk_fraction < 1.0:
     raise ValueError(f"topk_fraction must be in [0, 1), got {topk_fraction!r}")
   if not isinstance(min_base, int) or min_base < 2:
@@ -335,6 +342,11 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
         importance.list_size(max(base_rate, min_base / capacity), capacity))
     weights = jnp.where(base_mask, 1.0 / jnp.where(base_mask, rho, 1.0), 0.0)
     base_s = selected_scores(qg, cache, base_pos, scores, pred)
+    if proposal == "simhash":  # base tokens rank by their exact scores (importance)
+      p = importance.sharpened(p, base_pos, base_mask & ((rho >= 1.0) | (density is not None)),
+                               base_s)
+      p_max = importance.largest(p, residual)
+      weights_by_tau = importance.tempered(p, residual, p_max, temperatures)
     terms = [base_terms(base_s, base_mask, weights, values, base_pos, (out_f, lse_f), g)
              for g in ((guarantee, "denominator") if guarantee == "output" else (guarantee,))]
     m0 = jnp.sum(base_mask, -1)
@@ -349,7 +361,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     else:
       limit = jnp.clip(jnp.ceil(density * length.astype(jnp.float32))[:, None, None]
                        - exact_count, 0.0, n_sf)
-      policy = importance.choose(*common, size=limit)
+      policy = importance.choose(*common, size=limit, unbiased=unbiased,
+                                 d_hat=terms[1][1] if guarantee == "output" else None)
       size = importance.list_size(density, capacity)
     out_s, lse_s, pos, mask, top, overflow, expected, lowered = importance.residual_estimate(
         q, cache, p, residual, policy, importance.proposal(policy, weights_by_tau, mix), limit,

@@ -52,6 +52,21 @@ def test_top_keeps_the_highest_scores(case):
     assert ((positions[row] >= 0) & (positions[row] < scores.shape[1])).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(scored_rows())
+def test_kth_largest_is_the_numpy_order_statistic(case):
+  scores, eligible, _, keep = case
+  scores = scores.astype(np.float32)
+  keep = np.arange(scores.shape[0]) + keep  # a different keep per row
+  got = np.asarray(jax.jit(selection.kth_largest)(jnp.asarray(scores), jnp.asarray(eligible),
+                                                  jnp.asarray(keep, jnp.int32)))
+  for row in range(scores.shape[0]):
+    ranked = np.sort(scores[row][eligible[row]])[::-1]
+    want = (np.inf if keep[row] < 1 else -np.inf if not len(ranked)
+            else ranked[min(keep[row], len(ranked)) - 1])
+    assert got[row] == want, (row, got[row], want)
+
+
 def test_top_breaks_ties_by_position_and_takes_an_array_keep():
   scores = jnp.array([[3, 1, 3, 3, 0, 3], [0, 0, 0, 0, 0, 0]], jnp.int32)
   keep = jnp.array([[3], [2]], jnp.int32)
