@@ -60,8 +60,9 @@ without replacement and the weights are exact.
 
 ``proposal="simhash" | "spotlight"`` (or any proposal with ``density=``, a fixed size instead
 of a guarantee) hands the residual to ``sparse_attn.importance``: a base sample shaped by the
-hash codes, and per head a choice between this uniform sampler and Poisson sampling with
-probabilities from the codes, with a top part sized by the same codes.
+hash codes, and per head a choice (``sparse_attn.split_policy``) between this uniform sampler
+and Poisson sampling with probabilities from the codes, with a top part sized by the same
+codes.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import importance, predictors, selection
+from sparse_attn import importance, predictors, selection, split_policy
 from sparse_attn.attention import attend_rows, combine_lse, gather_rows, group_queries
 from sparse_attn.attention import make_result, row_scores
 from sparse_attn.streaming import check_window, exact_part, residual_mask
@@ -158,7 +159,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     sinks, local: sizes of the exact window.
     topk_fraction: top-k tokens kept exactly, as a fraction of the valid tokens (0 allowed);
       only with ``proposal="uniform"`` and ``(epsilon, delta)`` (otherwise the split policy of
-      ``sparse_attn.importance`` sizes the top part per head).
+      ``sparse_attn.split_policy`` sizes the top part per head).
     base_rate: base sample size, as a fraction of the residual.
     min_base: the smallest base sample (or the whole residual, if smaller); at least 2.
     max_fraction: the largest sample, as a fraction of the residual; a larger need is
@@ -208,7 +209,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       raise ValueError(f"delta must be in (0, {delta_max}) for guarantee={guarantee!r}, "
                        f"got {delta!r}")
     z = NormalDist().inv_cdf(1.0 - delta / 2.0)
-    # The importance sampler's output guarantee also bounds the denominator (importance).
+    # The importance sampler's output guarantee also bounds the denominator (split_policy).
     target_scales = (epsilon / z,) * (2 if guarantee == "output" else 1)
   else:
     if epsilon is not None or delta is not None:
@@ -354,14 +355,14 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
               weights_by_tau, temperatures, mix)
     if density is None:
       limit = max_fraction * n_sf
-      policy = importance.choose(*common, target_vars=[
+      policy = split_policy.choose(*common, target_vars=[
           jnp.where(target > 0, (scale * target)**2, 0.0) for (_, target), scale in zip(
               terms, target_scales)], cap=limit, min_uniform=min_base)
       size = importance.list_size(max_fraction, capacity)
     else:
       limit = jnp.clip(jnp.ceil(density * length.astype(jnp.float32))[:, None, None]
                        - exact_count, 0.0, n_sf)
-      policy = importance.choose(*common, size=limit, unbiased=unbiased,
+      policy = split_policy.choose(*common, size=limit, unbiased=unbiased,
                                  d_hat=terms[1][1] if guarantee == "output" else None)
       size = importance.list_size(density, capacity)
     out_s, lse_s, pos, mask, top, overflow, expected, lowered = importance.residual_estimate(
