@@ -46,9 +46,11 @@ far too small (the failure of the uniform residual with the SimHash predictor).
 replaced by their exact scores (``sharpened``) before the policy: the top part and the
 proposals then rank them exactly. The final draw stays unbiased whatever the base changed (it
 only fixes the design that the fresh uniforms then draw from). The SimHash proxy estimates
-the score itself; Spotlight's learned codes give an angle that is not on the scores' scale
-(mixing the two made the base tokens outrank every other token on the synthetic heads:
-error 0.62 against 0.12 at 2%), so its proxies are left as they are. Under
+the score itself. Spotlight's learned codes give an angle that is not on the scores' scale
+(mixed in as they are, the base tokens outranked every other token on the synthetic heads:
+error 0.62 against 0.12 at 2%), so its proxies are first mapped onto it by the least-squares
+line from the base's proxies to their exact scores (``calibrated``; for SimHash the same fit
+helped some cells and hurt others, and is not used). Under
 ``(epsilon, delta)`` only the tokens the base drew with probability 1 are replaced: each of
 the others also stands for residual tokens the base did not read, whose proxies the variance
 estimates must keep. ``density`` claims no bound and replaces them all.
@@ -102,6 +104,22 @@ def sharpened(p, positions, certain, exact):
   flat = jax.vmap(lambda row, i, v: row.at[i].set(v, mode="drop"))(
       p.reshape(-1, size), idx, exact.astype(p.dtype).reshape(idx.shape))
   return flat.reshape(lead + (size,))
+
+
+def calibrated(p, base_p, exact, mask):
+  """The proxies ``p [..., S]`` mapped by the least-squares line from the base's proxies
+  ``base_p [..., M]`` to its exact scores ``exact [..., M]`` (where ``mask``), per row; the
+  slope is kept >= 0 (0: the proxies carry no information, and every token gets the base's
+  mean score)."""
+  m = mask.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(m, -1, keepdims=True), 1.0)
+  mean_p = jnp.sum(m * base_p, -1, keepdims=True) / count
+  mean_s = jnp.sum(m * exact, -1, keepdims=True) / count
+  dp = m * (base_p - mean_p)
+  var = jnp.sum(dp**2, -1, keepdims=True)
+  cov = jnp.sum(dp * (exact - mean_s), -1, keepdims=True)
+  slope = jnp.where(var > 0, jnp.maximum(cov, 0.0) / jnp.where(var > 0, var, 1.0), 0.0)
+  return mean_s + slope * (p - mean_p)
 
 
 def proposal_weight(p, tau, p_max):

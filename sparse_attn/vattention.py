@@ -343,7 +343,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
         importance.list_size(max(base_rate, min_base / capacity), capacity))
     weights = jnp.where(base_mask, 1.0 / jnp.where(base_mask, rho, 1.0), 0.0)
     base_s = selected_scores(qg, cache, base_pos, scores, pred)
-    if proposal == "simhash":  # base tokens rank by their exact scores (importance)
+    if proposal != "uniform":  # base tokens rank by their exact scores (importance)
+      if proposal == "spotlight":  # its proxies first put on the scores' scale
+        p = importance.calibrated(p, jnp.take_along_axis(p, base_pos, -1), base_s, base_mask)
       p = importance.sharpened(p, base_pos, base_mask & ((rho >= 1.0) | (density is not None)),
                                base_s)
       p_max = importance.largest(p, residual)

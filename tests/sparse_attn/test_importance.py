@@ -59,6 +59,22 @@ def test_sharpened_puts_exact_scores_at_the_certain_base_tokens():
   np.testing.assert_array_equal(got, want)
 
 
+def test_calibrated_is_the_least_squares_line_with_a_nonnegative_slope():
+  rng = np.random.default_rng(1)
+  base_p = rng.normal(size=(3, 40))
+  exact = np.stack([2.0 * base_p[0] + 1.0, -base_p[1], 0.5 * base_p[2]]) + 0.1 * rng.normal(
+      size=(3, 40))
+  mask = rng.random((3, 40)) < 0.7
+  p = rng.normal(size=(3, 100))
+  got = np.asarray(importance.calibrated(*(jnp.asarray(x, jnp.float32) for x in (
+      p, base_p, exact)), jnp.asarray(mask)))
+  for row in range(3):
+    slope, icpt = np.polyfit(base_p[row][mask[row]], exact[row][mask[row]], 1)
+    if slope < 0:  # no information: every token gets the base's mean score
+      slope, icpt = 0.0, exact[row][mask[row]].mean()
+    np.testing.assert_allclose(got[row], slope * p[row] + icpt, rtol=1e-4, atol=1e-4)
+
+
 def test_base_sample_is_poisson_with_the_wanted_size():
   key = jax.random.PRNGKey(0)
   p = jax.random.normal(key, (2, 3, 1000)) * 3.0
