@@ -9,7 +9,7 @@ sample's extra reads are reported, not counted); MagicPIG's density is not a par
 its error at ``d`` is interpolated (log error against log density) between the runs of a
 grid of table counts. A cell's error is the median over positions, heads and sampling keys.
 The proposals run twice: unbiased (``vattention simhash`` / ``spotlight``) and with
-``unbiased=False`` (``least-error``: a head may keep its top part alone, ``importance``).
+``unbiased=False`` (``least-error``: a head may keep its top part alone, ``split_policy``).
 The claim checked: a proposal's error is no worse than the best of oracle top-k, MagicPIG and
 vAttention with the uniform residual (oracle top part) in at least 80% of the cells.
 """
