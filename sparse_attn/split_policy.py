@@ -196,20 +196,15 @@ def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, tem
     var_p = jnp.where(cost_p <= limit[..., None, None] + 1.0, var_p[0], jnp.inf)
     return (jnp.clip(b, 0.0, n_r), var_u), (log_c, var_p)
 
+  # The top-only candidate [L, 1] (threshold, size): only with unbiased=False.
+  score_d, thr_d, k_d = (jnp.full(n_s.shape + (1,), jnp.inf), jnp.full(n_s.shape, jnp.inf),
+                         jnp.zeros(n_s.shape))
   if size is not None:  # density: the least variance at that size
     (b, score_u), (log_c, score_p) = at_size(size)
     clipped = jnp.zeros(n_s.shape, bool)
-    if not unbiased:  # top-only: the budget's worth of largest proxies, [L, 1]
-      thr_d = selection.kth_largest(p, residual, size.astype(jnp.int32))
-      k_d = jnp.sum(residual & (p >= thr_d[..., None]), -1).astype(jnp.float32)
-      drop_w = jnp.where(p_base >= thr_d[..., None], 0.0, weights)  # [L, M]
-      # The bias^2: the squared norm of the HT total, less its estimated variance.
-      score_d = jnp.maximum(jnp.sum(jnp.einsum("...m,...md->...d", drop_w, ys[0])**2, -1)
-                            - jnp.sum((1.0 - rho) * drop_w**2 * y2s[0], -1), 0.0)
-      if d_hat is not None:
-        kept = d_hat - jnp.sum(drop_w * ys[1][..., 0], -1)
-        score_d *= (d_hat / jnp.maximum(kept, 1e-6 * d_hat))**2
-      score_d = jnp.where(k_d <= size, score_d, jnp.inf)[..., None]
+    if not unbiased:
+      score_d, thr_d, k_d = top_only_candidate(p, residual, p_base, weights, rho, ys, size,
+                                             d_hat)
   else:  # (epsilon, delta): the fewest tokens that meet every bound
     b = jnp.minimum(float(min_uniform), n_r)
     for sigma2, target in zip(sigma2s, target_vars):
@@ -235,9 +230,6 @@ def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, tem
   # The best candidate: [J uniform, top-only, J * T Poisson] flattened.
   if not poisson:
     score_p = jnp.full_like(score_p, jnp.inf)
-  if size is None or unbiased:
-    score_d, thr_d, k_d = (jnp.full(n_s.shape + (1,), jnp.inf), jnp.full(n_s.shape, jnp.inf),
-                           jnp.zeros(n_s.shape))
   scores = jnp.concatenate([score_u, score_d, score_p.reshape(score_p.shape[:-2] + (-1,))], -1)
   pick = jnp.argmin(scores, -1)
   num_j = thr.shape[-1]
@@ -256,3 +248,18 @@ def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, tem
                 size=jnp.where(top_only, 0.0, pick_j(b)),
                 rest=jnp.where(top_only, n_s.astype(jnp.float32) - k_d, pick_j(n_r)),
                 clipped=clipped)
+
+
+def top_only_candidate(p, residual, p_base, weights, rho, ys, size, d_hat):
+  """The top-only candidate (module docstring): ``(score [L, 1], threshold [L], size [L])``,
+  the ``size`` largest proxies, scored by the estimated bias^2 of dropping the rest."""
+  thr = selection.kth_largest(p, residual, size.astype(jnp.int32))
+  k = jnp.sum(residual & (p >= thr[..., None]), -1).astype(jnp.float32)
+  drop_w = jnp.where(p_base >= thr[..., None], 0.0, weights)  # [L, M]
+  # The bias^2: the squared norm of the HT total, less its estimated variance.
+  score = jnp.maximum(jnp.sum(jnp.einsum("...m,...md->...d", drop_w, ys[0])**2, -1)
+                      - jnp.sum((1.0 - rho) * drop_w**2 * jnp.sum(ys[0]**2, -1), -1), 0.0)
+  if d_hat is not None:
+    kept = d_hat - jnp.sum(drop_w * ys[1][..., 0], -1)
+    score *= (d_hat / jnp.maximum(kept, 1e-6 * d_hat))**2
+  return jnp.where(k <= size, score, jnp.inf)[..., None], thr, k

@@ -334,10 +334,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     # Base sample: Poisson, shaped by the pilot proposal, about m0 tokens.
     key_base, key_final = jax.random.split(key)
     m0_want = jnp.minimum(jnp.maximum(float(min_base), jnp.ceil(base_rate * n_sf)), n_sf)
-    weights_by_tau = importance.tempered(p, residual, p_max, temperatures + (
-        () if proposal == "uniform" else (importance.BASE_TEMPERATURE,)))
+    tau0 = importance.BASE_TEMPERATURE
     pilot = (None if proposal == "uniform" else  # with the same defensive share
-             importance.defended(*weights_by_tau[importance.BASE_TEMPERATURE], mix))
+             importance.defended(*importance.tempered(p, residual, p_max, (tau0,))[tau0], mix))
     base_pos, base_mask, rho, _ = importance.base_sample(
         key_base, pilot, residual, m0_want,
         importance.list_size(max(base_rate, min_base / capacity), capacity))
@@ -349,7 +348,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       p = importance.sharpened(p, base_pos, base_mask & ((rho >= 1.0) | (density is not None)),
                                base_s)
       p_max = importance.largest(p, residual)
-      weights_by_tau = importance.tempered(p, residual, p_max, temperatures)
+    weights_by_tau = importance.tempered(p, residual, p_max, temperatures)
     terms = [base_terms(base_s, base_mask, weights, values, base_pos, (out_f, lse_f), g)
              for g in ((guarantee, "denominator") if guarantee == "output" else (guarantee,))]
     m0 = jnp.sum(base_mask, -1)

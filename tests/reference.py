@@ -65,3 +65,19 @@ def exact_set(length: int, sinks: int, local: int) -> list[int]:
 def relative_error(a, b) -> np.ndarray:
   a, b = f64(a), f64(b)
   return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def monte_carlo_bias(outs, lses, exact_out, exact_lse):
+  """Unbiasedness of an estimator's denominator and numerator over trials (axis 0 of
+  ``outs [T, ..., dv]`` and ``lses [T, ...]``), against the exact output and log-sum-exp.
+
+  Returns:
+    ``(deviation, se, z)``: the mean of ``D_hat / D`` less 1 and its standard error per
+    query, and the z-score of each component of the mean ``N_hat / D`` against ``N / D``.
+  """
+  trials = outs.shape[0]
+  ratio = np.exp(f64(lses) - f64(exact_lse))
+  num = ratio[..., None] * f64(outs)
+  se = ratio.std(0, ddof=1) / np.sqrt(trials)
+  z = (num.mean(0) - f64(exact_out)) / (num.std(0, ddof=1) / np.sqrt(trials))
+  return ratio.mean(0) - 1, se, z
