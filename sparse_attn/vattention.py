@@ -183,10 +183,11 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
 
   Returns:
     An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
-    ``topk``, ``residual`` (n_s), ``base`` (m0), ``budget`` (b: sampled tokens beyond the
-    top-k), ``budget_clipped``, ``read`` (tokens whose rows were read beyond the predictor:
-    exact set, top-k, base and final samples), ``read_all_keys``; with the importance
-    sampler also ``temperature`` (the chosen tau), ``expected`` (expected sample size) and
+    ``topk``, ``residual`` (n_s), ``base`` (m0; about m0 + min_base with a code proposal,
+    whose base has a certain slice), ``budget`` (b: sampled tokens beyond the top-k),
+    ``budget_clipped``, ``read`` (tokens whose rows were read beyond the predictor: exact
+    set, top-k, base and final samples), ``read_all_keys``; with the importance sampler also
+    ``temperature`` (the chosen tau), ``expected`` (expected sample size) and
     ``selected_overflow`` (sampled tokens that did not fit the static list; non-zero also
     sets ``budget_clipped``).
   """
@@ -331,15 +332,20 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     n_s = jnp.sum(residual, axis=-1, dtype=jnp.int32)
     n_sf = n_s.astype(jnp.float32)
 
-    # Base sample: Poisson, shaped by the pilot proposal, about m0 tokens.
+    # Base sample: Poisson, shaped by the pilot proposal, about m0 tokens ...
     key_base, key_final = jax.random.split(key)
     m0_want = jnp.minimum(jnp.maximum(float(min_base), jnp.ceil(base_rate * n_sf)), n_sf)
     tau0 = importance.BASE_TEMPERATURE
     pilot = (None if proposal == "uniform" else  # with the same defensive share
              importance.defended(*importance.tempered(p, residual, p_max, (tau0,))[tau0], mix))
-    base_pos, base_mask, rho, _ = importance.base_sample(
-        key_base, pilot, residual, m0_want,
-        importance.list_size(max(base_rate, min_base / capacity), capacity))
+    # ... plus, with the codes, the min_base tokens of largest proxy, with probability 1.
+    base_size = importance.list_size(max(base_rate, min_base / capacity), capacity)
+    certain = None
+    if proposal != "uniform":
+      certain = importance.largest_tokens(p, residual, min(capacity, min_base))
+      base_size = min(capacity, base_size + min_base)
+    base_pos, base_mask, rho, _ = importance.base_sample(key_base, pilot, residual, m0_want,
+                                                         base_size, certain)
     weights = jnp.where(base_mask, 1.0 / jnp.where(base_mask, rho, 1.0), 0.0)
     base_s = selected_scores(qg, cache, base_pos, scores, pred)
     if proposal != "uniform":  # base tokens rank by their exact scores (importance)

@@ -105,6 +105,39 @@ def test_base_sample_is_poisson_with_the_wanted_size():
   assert np.all(np.abs(counts.mean(0) - 100) <= 4 * 10 / math.sqrt(200)), counts.mean(0)
 
 
+def test_largest_tokens_are_the_k_residual_tokens_of_largest_proxy():
+  rng = np.random.default_rng(2)
+  p = rng.normal(size=(3, 200)).astype(np.float32)
+  residual = np.stack([np.ones(200, bool), rng.random(200) < 0.5, np.arange(200) < 7])
+  got = np.asarray(importance.largest_tokens(jnp.asarray(p), jnp.asarray(residual), 10))
+  for row in range(3):
+    eligible = np.flatnonzero(residual[row])
+    want = eligible[np.argsort(-p[row][eligible])[:10]]  # all 7 of the last row
+    np.testing.assert_array_equal(np.flatnonzero(got[row]), np.sort(want))
+
+
+def test_base_sample_draws_the_certain_tokens_always_and_the_wanted_size_beside():
+  key = jax.random.PRNGKey(3)
+  residual = jnp.broadcast_to(jnp.arange(500)[None, :] >= 20, (4, 500))
+  certain = residual & (jnp.arange(500)[None, :] % 7 == 0)  # 69 residual tokens
+  pilot = jnp.exp(jax.random.normal(key, (4, 500)))
+  want = jnp.full((4,), 60.0)
+  draw = jax.jit(lambda k: importance.base_sample(k, pilot, residual, want, 300, certain))
+  counts = []
+  for k in jax.random.split(key, 100):
+    pos, mask, rho, overflow = (np.asarray(x) for x in draw(k))
+    assert np.all(overflow == 0)
+    drawn = np.zeros((4, 500), bool)
+    np.put_along_axis(drawn, np.where(mask, pos, 0), mask, -1)
+    assert np.all(drawn[np.asarray(certain)])  # every draw holds them ...
+    assert np.all(rho[mask & np.asarray(certain)[np.arange(4)[:, None], pos]] == 1.0)  # at 1
+    assert not np.any(drawn[:, :20])  # nothing outside the residual
+    counts.append((drawn & ~np.asarray(certain)).sum(-1))
+  # ... and the others are a Poisson sample of expected size 60: the mean over 100 keys is
+  # within 4 standard errors (sd <= sqrt(60) per draw; false alarm ~6e-5 per row).
+  assert np.all(np.abs(np.mean(counts, 0) - 60) <= 4 * math.sqrt(60 / 100)), np.mean(counts, 0)
+
+
 @pytest.mark.parametrize("proposal", ["simhash", "spotlight"])
 @pytest.mark.parametrize("mode", ["guarantee", "density"])
 def test_unbiased_numerator_and_denominator(proposal, mode):
