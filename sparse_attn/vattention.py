@@ -332,16 +332,15 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     n_s = jnp.sum(residual, axis=-1, dtype=jnp.int32)
     n_sf = n_s.astype(jnp.float32)
 
-    # Base sample: Poisson, shaped by the pilot proposal, about m0 tokens ...
+    # Base sample: about m0 tokens, Poisson; with the codes, shaped by the pilot proposal (with
+    # the same defensive share), plus the min_base tokens of largest proxy with probability 1.
     key_base, key_final = jax.random.split(key)
     m0_want = jnp.minimum(jnp.maximum(float(min_base), jnp.ceil(base_rate * n_sf)), n_sf)
-    tau0 = importance.BASE_TEMPERATURE
-    pilot = (None if proposal == "uniform" else  # with the same defensive share
-             importance.defended(*importance.tempered(p, residual, p_max, (tau0,))[tau0], mix))
-    # ... plus, with the codes, the min_base tokens of largest proxy, with probability 1.
     base_size = importance.list_size(max(base_rate, min_base / capacity), capacity)
-    certain = None
+    pilot = certain = None
     if proposal != "uniform":
+      tau0 = importance.BASE_TEMPERATURE
+      pilot = importance.defended(*importance.tempered(p, residual, p_max, (tau0,))[tau0], mix)
       certain = importance.largest_tokens(p, residual, min(capacity, min_base))
       base_size = min(capacity, base_size + min_base)
     base_pos, base_mask, rho, _ = importance.base_sample(key_base, pilot, residual, m0_want,
