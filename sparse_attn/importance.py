@@ -49,7 +49,8 @@ took the SimHash proposal's output guarantee on layers 2-3 from 14.1% / 11.6% fa
 7.8% / 6.2% (bound about 9%), and its least-error estimate at 2% density from 0.63 / 0.69 to
 0.52 / 0.56 (``benchmarks/eval_vattention_guarantee.py``, ``python -m sparse_attn
 equal-density``). It is ``min_base`` tokens and not ``m0``: at 128K tokens a slice of ``m0``
-(2,600) made the decode step 1.7x vAttention's time instead of 1.1x.
+(2,600, then picked by bisection) made the decode step 1.7x vAttention's time; 128 tokens
+by ``lax.top_k`` keep it at 1.1x.
 
 **Exact scores of the base (SimHash).** The base reads its tokens' keys, so their proxies are
 replaced by their exact scores (``sharpened``) before the policy: the top part and the
