@@ -22,11 +22,16 @@ it a head whose base saw one dominant token could sample nothing else and miss i
 
 **Top-only (``unbiased=False``, ``density`` only).** One more candidate: the ``density``
 budget's worth of largest (sharpened) proxies, attended exactly, and no residual sample. Its
-error is a bias, estimated by the squared norm of the dropped residual's Horvitz-Thompson
-total less that total's estimated variance, scaled for the ``output`` quantity by
-:math:`(\hat D / \hat D_{kept})^2` (dropping a total ``Y`` moves the output by
-:math:`Y / D_{kept}`); the candidate of least estimated squared error wins, and the
-estimate is then biased.
+error is a bias, scored by the squared norm of the dropped residual's Horvitz-Thompson
+total, scaled for the ``output`` quantity by :math:`(\hat D / \hat D_{kept})^2` (dropping a
+total ``Y`` moves the output by :math:`Y / D_{kept}`); the candidate of least score wins, and
+the estimate is then biased. The squared norm overestimates the bias^2 by the total's
+variance on average, and is kept so: the variances it competes with carry ``UCB`` standard
+errors, and with that variance subtracted (an unbiased bias^2, clipped at 0) the top part
+won heads where it was worse. On the LLM-shaped synthetic heads at query scale 0.25
+and 0.5 the biased choice then lost to the unbiased estimate (0.121 / 0.157 against
+0.113 / 0.112 at 2%, 1024 SimHash bits); on the reference model it moved no cell by more than
+1%.
 
 **Split policy.** With ``(epsilon, delta)``: per query head, the candidate with the fewest
 expected tokens (top part + sample) that meets the bound(s); when even that exceeds
@@ -203,8 +208,7 @@ def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, tem
     (b, score_u), (log_c, score_p) = at_size(size)
     clipped = jnp.zeros(n_s.shape, bool)
     if not unbiased:
-      score_d, thr_d, k_d = top_only_candidate(p, residual, p_base, weights, rho, ys, size,
-                                             d_hat)
+      score_d, thr_d, k_d = top_only_candidate(p, residual, p_base, weights, ys, size, d_hat)
   else:  # (epsilon, delta): the fewest tokens that meet every bound
     b = jnp.minimum(float(min_uniform), n_r)
     for sigma2, target in zip(sigma2s, target_vars):
@@ -250,15 +254,15 @@ def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, tem
                 clipped=clipped)
 
 
-def top_only_candidate(p, residual, p_base, weights, rho, ys, size, d_hat):
+def top_only_candidate(p, residual, p_base, weights, ys, size, d_hat):
   """The top-only candidate (module docstring): ``(score [L, 1], threshold [L], size [L])``,
-  the ``size`` largest proxies, scored by the estimated bias^2 of dropping the rest."""
+  the ``size`` largest proxies, scored by the squared dropped total (an upper estimate of
+  the bias^2 of dropping the rest)."""
   thr = selection.kth_largest(p, residual, size.astype(jnp.int32))
   k = jnp.sum(residual & (p >= thr[..., None]), -1).astype(jnp.float32)
   drop_w = jnp.where(p_base >= thr[..., None], 0.0, weights)  # [L, M]
-  # The bias^2: the squared norm of the HT total, less its estimated variance.
-  score = jnp.maximum(jnp.sum(jnp.einsum("...m,...md->...d", drop_w, ys[0])**2, -1)
-                      - jnp.sum((1.0 - rho) * drop_w**2 * jnp.sum(ys[0]**2, -1), -1), 0.0)
+  # The squared norm of the HT total: the bias^2 plus its variance (module docstring).
+  score = jnp.sum(jnp.einsum("...m,...md->...d", drop_w, ys[0])**2, -1)
   if d_hat is not None:
     kept = d_hat - jnp.sum(drop_w * ys[1][..., 0], -1)
     score *= (d_hat / jnp.maximum(kept, 1e-6 * d_hat))**2

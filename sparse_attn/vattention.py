@@ -148,7 +148,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
                local: int = 64, topk_fraction: float = 0.02, base_rate: float = 0.02,
                min_base: int = 128, max_fraction: float = 0.25,
                guarantee: str = "denominator", predictor: str | None = None,
-               bits: int = 128, hash_params: dict | None = None, proposal: str = "uniform",
+               bits: int | None = None, hash_params: dict | None = None,
+               proposal: str = "uniform",
                density: float | None = None, mix: float = 0.1,
                unbiased: bool = True) -> Estimator:
   """vAttention estimator with a verified (epsilon, delta) guarantee.
@@ -168,7 +169,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       with ``density``, the quantity whose variance the split policy minimises.
     predictor: top-k ranking, one of ``predictors.NAMES``. Default: ``"oracle"`` for the
       uniform proposal, else the proposal's own codes (which it must be).
-    bits: code length of the ``"simhash"`` predictor.
+    bits: code length of the ``"simhash"`` predictor. Default: 128, or
+      ``importance.SIMHASH_PROPOSAL_BITS`` (1024) for the ``"simhash"`` proposal, whose
+      sampling probabilities need the finer angle (``importance``).
     hash_params: trained hash heads of the ``"spotlight"`` predictor.
     proposal: how the residual is sampled: ``"uniform"`` (uniformly, this module), or
       ``"simhash"`` / ``"spotlight"``: Poisson sampling with inclusion probabilities from the
@@ -195,6 +198,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     raise ValueError(f"proposal must be one of {importance.PROPOSALS}, got {proposal!r}")
   if predictor is None:
     predictor = "oracle" if proposal == "uniform" else proposal
+  if bits is None:
+    bits = importance.SIMHASH_PROPOSAL_BITS if proposal == "simhash" else 128
   if proposal != "uniform" and predictor != proposal:
     raise ValueError(f"proposal {proposal!r} samples by the predictor's codes: predictor must "
                      f"be {proposal!r} (or None), got {predictor!r}")
