@@ -105,9 +105,12 @@ def make_method(name: str, cfg: Config, hash_params: dict | None) -> sa.Estimato
     return sa.magicpig(K=K, L=L, max_selected=1.0, **window)
   if name.startswith("vattention"):  # e=d=0.05; the uniform residual or a proposal's
     proposal = next((p for p in ("simhash", "spotlight") if p in name), "uniform")
+    extra = {}
+    if " slice=" in name:  # a proposal's certain slice, e.g. "... slice=512"
+      extra["certain_slice"] = int(name.rsplit(" slice=", 1)[1])
     return sa.vattention(cfg.epsilon, cfg.delta, guarantee="output", proposal=proposal,
                          hash_params=hash_params if proposal == "spotlight" else None,
-                         **window)
+                         **window, **extra)
   if name.startswith(("spotlight", "linear hash")):
     return sa.spotlight(hash_params, fraction=ORACLE_FRACTION, **window)
   raise ValueError(f"unknown method {name!r}; choose from {list(FULL_METHODS)}")

@@ -151,7 +151,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
                bits: int | None = None, hash_params: dict | None = None,
                proposal: str = "uniform",
                density: float | None = None, mix: float = 0.1,
-               unbiased: bool = True) -> Estimator:
+               unbiased: bool = True, certain_slice: int | None = None) -> Estimator:
   """vAttention estimator with a verified (epsilon, delta) guarantee.
 
   Args:
@@ -183,10 +183,15 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     unbiased: False (with ``density`` only) lets a head keep its top part alone, without a
       residual sample, when the base estimates the dropped residual's squared error below
       every unbiased candidate's variance: the least estimated error, no longer unbiased.
+    certain_slice: with a code proposal, the residual tokens of largest proxy that the base
+      reads with probability 1 (``importance``), beside its ``m0`` draws; default
+      ``min_base``. On the reference model's real attention the Spotlight proposal's output
+      guarantee holds on every layer with 512 (layer 3: 2.8% failures against a bound of
+      8.8%) and not with 128 (11.5% against 10.7%).
 
   Returns:
     An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
-    ``topk``, ``residual`` (n_s), ``base`` (m0; about m0 + min_base with a code proposal,
+    ``topk``, ``residual`` (n_s), ``base`` (m0; about m0 + certain_slice with a code proposal,
     whose base has a certain slice), ``budget`` (b: sampled tokens beyond the top-k),
     ``budget_clipped``, ``read`` (tokens whose rows were read beyond the predictor: exact
     set, top-k, base and final samples), ``read_all_keys``; with the importance sampler also
@@ -234,6 +239,13 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
   if not 0.0 < base_rate <= max_fraction <= 1.0:
     raise ValueError("need 0 < base_rate <= max_fraction <= 1, got "
                      f"base_rate={base_rate!r}, max_fraction={max_fraction!r}")
+  if certain_slice is None:
+    certain_slice = min_base
+  elif proposal == "uniform":
+    raise ValueError("certain_slice shapes a code proposal's base: give proposal='simhash' or "
+                     f"'spotlight', got proposal={proposal!r}")
+  if not isinstance(certain_slice, int) or certain_slice < 1:
+    raise ValueError(f"certain_slice must be an int >= 1, got {certain_slice!r}")
   if not mix > 0:
     raise ValueError(f"mix must be > 0 (every token needs a positive probability), got {mix!r}")
   check_window(sinks, local)
@@ -338,7 +350,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     n_sf = n_s.astype(jnp.float32)
 
     # Base sample: about m0 tokens, Poisson; with the codes, shaped by the pilot proposal (with
-    # the same defensive share), plus the min_base tokens of largest proxy with probability 1.
+    # the same defensive share), plus the certain_slice tokens of largest proxy with
+    # probability 1.
     key_base, key_final = jax.random.split(key)
     m0_want = jnp.minimum(jnp.maximum(float(min_base), jnp.ceil(base_rate * n_sf)), n_sf)
     base_size = importance.list_size(max(base_rate, min_base / capacity), capacity)
@@ -346,8 +359,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     if proposal != "uniform":
       tau0 = importance.BASE_TEMPERATURE
       pilot = importance.defended(*importance.tempered(p, residual, p_max, (tau0,))[tau0], mix)
-      certain = importance.largest_tokens(p, residual, min(capacity, min_base))
-      base_size = min(capacity, base_size + min_base)
+      certain = importance.largest_tokens(p, residual, min(capacity, certain_slice))
+      base_size = min(capacity, base_size + certain_slice)
     base_pos, base_mask, rho, _ = importance.base_sample(key_base, pilot, residual, m0_want,
                                                          base_size, certain)
     weights = jnp.where(base_mask, 1.0 / jnp.where(base_mask, rho, 1.0), 0.0)

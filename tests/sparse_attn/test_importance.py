@@ -240,6 +240,18 @@ def test_least_error_mode_drops_the_residual_where_that_costs_less():
     assert errors[False] <= errors[True], (scale, errors)
 
 
+def test_certain_slice_sets_how_many_tokens_the_base_reads_beside_its_draws():
+  # Residual ~1980 tokens (2048 less the window), so m0 = min_base = 128 expected draws
+  # beside the slice; the draws' count has a variance below 128 (sd < 11.3), and 6 sd of
+  # slack makes a false alarm ~2e-9 per row.
+  q, cache = problem(lengths=(2048, 2048))
+  for slice_size in (None, 300):
+    est = sa.vattention(0.1, 0.1, proposal="simhash", certain_slice=slice_size)
+    res = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+    base = np.asarray(res.stats["base"])
+    assert np.all(np.abs(base - 128 - (slice_size or 128)) <= 6 * math.sqrt(128)), base
+
+
 def test_bf16_short_cache_and_empty_residual_no_nan():
   q, cache = problem(lengths=(2048, 50), dtype=jnp.bfloat16)
   for kwargs in (dict(epsilon=0.1, delta=0.1), dict(density=0.05)):
@@ -285,3 +297,8 @@ def test_validation():
     sa.vattention(0.1, 0.1, proposal="simhash", mix=0.0)
   with pytest.raises(ValueError, match="hash_params"):
     sa.vattention(0.1, 0.1, proposal="spotlight")
+  with pytest.raises(ValueError, match="certain_slice shapes a code proposal"):
+    sa.vattention(0.1, 0.1, certain_slice=64)
+  for bad in (0, 2.5):
+    with pytest.raises(ValueError, match="certain_slice must be an int >= 1"):
+      sa.vattention(0.1, 0.1, proposal="simhash", certain_slice=bad)
