@@ -181,8 +181,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       estimated variance at that size and no guarantee is claimed.
     mix: the defensive uniform share of the importance proposals (``importance``).
     unbiased: False (with ``density`` only) lets a head keep its top part alone, without a
-      residual sample, when the base estimates the dropped residual's squared error below
-      every unbiased candidate's variance: the least estimated error, no longer unbiased.
+      residual sample, when the base's squared estimate of the dropped residual's total (which
+      overstates the bias^2 by its variance) is below every unbiased candidate's variance:
+      the least estimated error, no longer unbiased (``split_policy``).
     certain_slice: with a code proposal, the residual tokens of largest proxy that the base
       reads with probability 1 (``importance``), beside its ``m0`` draws; default
       ``min_base``. On the reference model's real attention the Spotlight proposal's output
