@@ -169,7 +169,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       with ``density``, the quantity whose variance the split policy minimises.
     predictor: top-k ranking, one of ``predictors.NAMES``. Default: ``"oracle"`` for the
       uniform proposal, else the proposal's own codes (which it must be).
-    bits: code length of the ``"simhash"`` predictor. Default: 128, or
+    bits: code length of the ``"simhash"`` predictor. Default: the predictor's (128), or
       ``importance.SIMHASH_PROPOSAL_BITS`` (1024) for the ``"simhash"`` proposal, whose
       sampling probabilities need the finer angle (``importance``).
     hash_params: trained hash heads of the ``"spotlight"`` predictor.
@@ -192,8 +192,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
 
   Returns:
     An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
-    ``topk``, ``residual`` (n_s), ``base`` (m0; about m0 + certain_slice with a code proposal,
-    whose base has a certain slice), ``budget`` (b: sampled tokens beyond the top-k),
+    ``topk``, ``residual`` (n_s), ``base`` (m0; with a code proposal, its draws plus the
+    certain slice), ``budget`` (b: sampled tokens beyond the top-k),
     ``budget_clipped``, ``read`` (tokens whose rows were read beyond the predictor: exact
     set, top-k, base and final samples), ``read_all_keys``; with the importance sampler also
     ``temperature`` (the chosen tau), ``expected`` (expected sample size) and
@@ -204,8 +204,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     raise ValueError(f"proposal must be one of {importance.PROPOSALS}, got {proposal!r}")
   if predictor is None:
     predictor = "oracle" if proposal == "uniform" else proposal
-  if bits is None:
-    bits = importance.SIMHASH_PROPOSAL_BITS if proposal == "simhash" else 128
+  if bits is None and proposal == "simhash":
+    bits = importance.SIMHASH_PROPOSAL_BITS
   if proposal != "uniform" and predictor != proposal:
     raise ValueError(f"proposal {proposal!r} samples by the predictor's codes: predictor must "
                      f"be {proposal!r} (or None), got {predictor!r}")
@@ -251,8 +251,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     raise ValueError(f"mix must be > 0 (every token needs a positive probability), got {mix!r}")
   check_window(sinks, local)
   sampled = proposal != "uniform" or density is not None  # the importance sampler
-  pred = predictors.make(predictor, bits=bits, sinks=sinks, local=local,
-                         hash_params=hash_params, norms=proposal != "uniform")
+  pred = predictors.make(predictor, **({} if bits is None else {"bits": bits}), sinks=sinks,
+                         local=local, hash_params=hash_params, norms=proposal != "uniform")
 
   def init(cache, key):
     check_cache(cache)
