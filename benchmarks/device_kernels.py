@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import backend
+from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import sparse_decode_attention as sda
@@ -109,6 +110,20 @@ def check_equal(interpret: bool) -> list[dict]:
       rows.append({"kernel": f"sparse_decode_attention ({lists} lists)",
                    "dtype": jnp.dtype(dtype).name,
                    "max_diff": attempt(diff, qq, keys, values, idx, lw, count)})
+  for dtype in (jnp.float32, jnp.bfloat16):
+    qq = jnp.asarray(rng.normal(size=(3, 8, 128)), dtype)
+    keys = jnp.asarray(rng.normal(size=(3, 2, 1000, 128)), dtype)
+    values = jnp.asarray(rng.normal(size=(3, 2, 1000, 128)), dtype)
+    length = jnp.array([0, 777, 1000], jnp.int32)  # empty, ragged, full; S no block multiple
+
+    def diff(*args):
+      got = da.decode_attention_kernel(*args, da.BlockSizes(block=64, split=192),
+                                       interpret=interpret)
+      want = da.decode_attention_reference(*args)
+      return max(max_diff(got[0], want[0]), max_diff(got[1], want[1]))
+
+    rows.append({"kernel": "decode_attention (dense)", "dtype": jnp.dtype(dtype).name,
+                 "max_diff": attempt(diff, qq, keys, values, length)})
   for row in rows:
     tolerance = 0 if row["dtype"].startswith("uint") else 1e-4
     row["ok"] = not isinstance(row["max_diff"], str) and row["max_diff"] <= tolerance

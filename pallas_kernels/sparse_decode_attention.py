@@ -62,7 +62,7 @@ def _layout(q, keys, indices):
   return num_lists // num_kv, num_q // num_lists
 
 
-def _merge_splits(out, lse):
+def merge_splits(out, lse):
   """Log-sum-exp merge over axis 2 of ``out [B, H, P, G, D]``, ``lse [B, H, P, G]``."""
   m = jnp.max(lse, axis=2, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -267,7 +267,7 @@ def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
       interpret=interpret, name="sparse_decode_attention")(
           count.astype(jnp.int32), indices, log_weights,
           q.reshape(batch, num_lists, group, head_dim), keys, values)
-  out, lse = _merge_splits(out, lse)
+  out, lse = merge_splits(out, lse)
   return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
 
 

@@ -37,6 +37,9 @@ class Predictor(NamedTuple):
   scores: Callable[[jax.Array, KVCache, Any], jax.Array]
   reads_all_keys: bool
   shared_by_group: bool = False  # every query of a GQA group gets the same scores
+  # ``(group, head_dim) -> (lo, hi)``: integer scores lie in [lo, hi] (selection may count
+  # instead of bisecting); None for float scores.
+  score_range: Callable[[int, int], tuple[int, int]] | None = None
 
 
 class SimHashState(NamedTuple):
@@ -159,7 +162,8 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
                               state.length)
 
   append = code_appender(derive, append_chunk)
-  return Predictor(init, append, scores, reads_all_keys=False)
+  return Predictor(init, append, scores, reads_all_keys=False,
+                   score_range=lambda group, head_dim: (-1, bits))
 
 
 class SpotlightState(NamedTuple):
@@ -199,7 +203,8 @@ def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Pred
     return jnp.broadcast_to(sim[:, :, None, :], (batch, num_kv, group, sim.shape[-1]))
 
   append = code_appender(derive, append_chunk)
-  return Predictor(init, append, scores, reads_all_keys=False, shared_by_group=True)
+  return Predictor(init, append, scores, reads_all_keys=False, shared_by_group=True,
+                   score_range=lambda group, head_dim: (-1, group * head_dim))
 
 
 def make(name: str, bits: int = 128, sinks: int = 4, local: int = 64,

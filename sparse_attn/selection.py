@@ -13,9 +13,12 @@ Hamming scores in 4 ms against 10 ms for ``lax.top_k``; 32 rows compacted into 4
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import backend
 from pallas_kernels.pack_signs import pack_signs_reference
 
 _INT32_MIN = -(2**31)
@@ -57,7 +60,10 @@ def _nth_set_bits(words: jax.Array, ranks: jax.Array) -> jax.Array:
   num_words = words.shape[-1]
   flat_cum = cumulative.reshape(-1, num_words)
   flat_ranks = ranks.reshape(-1, ranks.shape[-1])
-  word = jax.vmap(lambda c, r: jnp.searchsorted(c, r, side="left"))(flat_cum, flat_ranks)
+  # The default binary search is a loop: on an accelerator every trip is a launch.
+  method = "scan" if backend.platform() == "cpu" else "scan_unrolled"
+  word = jax.vmap(lambda c, r: jnp.searchsorted(c, r, side="left", method=method))(
+      flat_cum, flat_ranks)
   word = word.astype(jnp.int32).reshape(ranks.shape)
   past_end = word >= num_words
   word = jnp.minimum(word, num_words - 1)
@@ -91,7 +97,8 @@ def compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array
 
 
 def top(scores: jax.Array, eligible: jax.Array, size: int,
-        keep: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        keep: jax.Array | int, score_range: tuple[int, int] | None = None,
+        counting: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """The ``keep`` highest-scoring eligible tokens, in a static list of ``size``.
 
   Ties at the threshold score go to the lowest positions. Exactly
@@ -102,13 +109,29 @@ def top(scores: jax.Array, eligible: jax.Array, size: int,
     eligible: ``bool [..., S]``.
     size: static list size, ``1 <= size <= S``.
     keep: how many to keep (``<= size``): an int or an int array broadcastable to ``[..., 1]``.
+    score_range: ``(lo, hi)`` for integer scores whose eligible values all lie in
+      ``[lo, hi]`` (Hamming similarities, table matches): the threshold may then come from
+      counting (``counting_threshold``) instead of a bisection. Static.
+    counting: use counting (needs ``score_range``); None: where it is the faster way
+      (``prefers_counting``).
 
   Returns:
     ``(positions int32 [..., size], valid bool [..., size])``, positions ascending.
   """
   keys = jnp.where(eligible, order_keys(scores), _INT32_MIN)
   want = jnp.minimum(jnp.asarray(keep, jnp.int32), size)
-  want, threshold = _threshold(keys, eligible, want)
+  if counting is None:
+    counting = score_range is not None and prefers_counting()
+  if counting:
+    if score_range is None or not jnp.issubdtype(scores.dtype, jnp.integer):
+      raise ValueError("counting selection needs integer scores and score_range, got "
+                       f"{scores.dtype} scores and score_range={score_range!r}")
+    lo, hi = score_range
+    want, threshold = counting_threshold(jnp.where(eligible, keys - lo, -1), eligible, want,
+                                         hi - lo)
+    threshold = threshold + lo
+  else:
+    want, threshold = _threshold(keys, eligible, want)
   above = (keys > threshold) & eligible
   ties = (keys == threshold) & eligible
   # Every token above the threshold, and the first (want - count above) of the ties: those
@@ -130,6 +153,45 @@ def kth_largest(scores: jax.Array, eligible: jax.Array, keep: jax.Array) -> jax.
   bits = jnp.where(key < 0, jnp.int32(_INT32_MIN) - key - 1, key)  # order_keys inverted
   value = jax.lax.bitcast_convert_type(bits, jnp.float32)[..., 0]
   return jnp.where(keep < 1, jnp.inf, jnp.where(jnp.any(eligible, -1), value, -jnp.inf))
+
+
+def prefers_counting() -> bool:
+  """Whether small-integer scores should be thresholded by counting, not by bisection.
+
+  On an accelerator each bisection step is a dependent pass (and a loop trip); counting
+  makes two passes in all. On XLA:CPU the bisection's passes are as cheap as counting's.
+  """
+  return backend.platform() != "cpu"
+
+
+def counting_threshold(keys: jax.Array, eligible: jax.Array, want: jax.Array,
+                       score_range: int) -> tuple[jax.Array, jax.Array]:
+  """``_threshold`` for integer keys in ``[0, score_range]`` (where eligible), by counting.
+
+  The exact ``want``-th largest key follows from the counts ``#{keys >= t}``: a first pass
+  counts against ``ceil((R + 1) / w)`` coarse edges ``t = 0, w, 2w, ...`` (``w`` about
+  ``sqrt(R + 1)``), which brackets the threshold in one bucket of ``w`` values; a second
+  pass counts against those ``w`` values. Two passes over the keys, no loop, no sort.
+
+  Returns:
+    ``(want, t)``, both ``[..., 1]``, as ``_threshold``.
+  """
+  count = jnp.sum(eligible, axis=-1, keepdims=True, dtype=jnp.int32)
+  want = jnp.broadcast_to(jnp.minimum(want, count), keys.shape[:-1] + (1,))
+  width = 1 << max(0, (math.isqrt(score_range) + 1).bit_length() - 1)
+  lead = keys.shape[:-1]
+  edges = jnp.broadcast_to(jnp.arange(0, score_range + 1, width, dtype=jnp.int32),
+                           lead + (-(-(score_range + 1) // width),))
+
+  def buckets_reaching(lower):  # [..., T]: how many edges t have #{keys >= t} >= want
+    at_least = jnp.sum(keys[..., None, :] >= lower[..., :, None], axis=-1, dtype=jnp.int32)
+    return jnp.sum(at_least >= want, axis=-1, keepdims=True, dtype=jnp.int32)
+
+  # Counts fall as t rises, so the edges that reach want are a prefix; the last one is the
+  # bucket (the first when want is 0).
+  base = jnp.maximum(buckets_reaching(edges) - 1, 0) * width  # [..., 1]
+  fine = base + jnp.arange(width, dtype=jnp.int32).reshape((1,) * len(lead) + (width,))
+  return want, base + jnp.maximum(buckets_reaching(fine) - 1, 0)
 
 
 def _threshold(keys, eligible, want):

@@ -84,7 +84,8 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
       n = length.astype(jnp.float32)
       keep = jnp.maximum(jnp.minimum(n, min_tokens), jnp.ceil(fraction * n)).astype(jnp.int32)
       keep = keep[:, None, None, None]
-    top_pos, top_mask = selection.top(scores, residual, k_max, keep)
+    score_range = pred.score_range and pred.score_range(qg.shape[2], qg.shape[3])
+    top_pos, top_mask = selection.top(scores, residual, k_max, keep, score_range)
     count = jnp.sum(top_mask, axis=-1, dtype=jnp.int32)  # valid entries come first
     if pred.shared_by_group:  # one list per KV head: its rows are read once for the group
       top_pos, count = top_pos[:, :, 0], count[:, :, 0]

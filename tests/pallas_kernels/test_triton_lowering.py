@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import backend
+from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import sparse_decode_attention as sda
@@ -77,3 +78,12 @@ def test_pack_signs_and_sparse_decode_lower(as_gpu, capsys, dtype):
           jnp.asarray(rng.integers(0, 1000, (1, 2, 300)), jnp.int32),
           jnp.zeros((1, 2, 300), jnp.float32), jnp.array([[300, 17]], jnp.int32))
   triton_module(capsys, sda.sparse_decode_attention_kernel, *args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_decode_lowers_with_matrix_products(as_gpu, capsys, dtype):
+  args = (jnp.zeros((2, 8, 128), dtype), jnp.zeros((2, 2, 1000, 128), dtype),
+          jnp.zeros((2, 2, 1000, 128), dtype), jnp.array([1000, 17], jnp.int32))
+  text = triton_module(capsys, lambda *a: da.decode_attention_kernel(
+      *a, da.BlockSizes(block=128, split=256)), *args)
+  assert "tt.dot" in text

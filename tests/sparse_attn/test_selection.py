@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,3 +100,30 @@ def test_order_keys_is_monotone_on_floats():
   x = np.array([-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 2.5, 3e38, np.inf], np.float32)
   keys = np.asarray(selection.order_keys(jnp.asarray(x)))
   assert np.all(np.diff(keys) >= 0) and np.all(np.diff(keys)[x[1:] != x[:-1]] > 0)
+
+
+@pytest.mark.parametrize("length,size", [(37, 20), (300, 64)])
+@pytest.mark.parametrize("score_range", [1, 7, 512])
+def test_counting_selects_exactly_what_the_bisection_selects(length, size, score_range):
+  """The GPU's counting threshold and the CPU's bisection pick the same positions (ties
+  included) for integer scores in [-1, score_range - 1]: 6 random problems per shape, with a
+  different keep and eligible rate per row, keep 0 and no eligible token among them."""
+  rng = np.random.default_rng(length + score_range)
+  for _ in range(6):
+    scores = jnp.asarray(rng.integers(-1, score_range, size=(3, 2, length)), jnp.int32)
+    rate = rng.choice([0.0, 0.3, 1.0], size=(3, 2, 1))
+    eligible = jnp.asarray(rng.random((3, 2, length)) < rate)
+    keep = jnp.asarray(rng.integers(0, size + 1, size=(3, 2, 1)), jnp.int32)
+    counted = _top_by(scores, eligible, size, keep, (-1, score_range - 1), True)
+    bisected = _top_by(scores, eligible, size, keep, None, False)
+    for got, want in zip(counted, bisected):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+_top_by = jax.jit(selection.top, static_argnums=(2, 4, 5))
+
+
+def test_counting_refuses_float_scores():
+  with pytest.raises(ValueError, match="integer scores and score_range"):
+    selection.top(jnp.zeros((1, 4)), jnp.ones((1, 4), bool), 2, 1, score_range=(0, 8),
+                  counting=True)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One prepared accelerator run for the GPU decode work (about 6 minutes on an H200), results
+# under $OUT, each step writing its JSON as it goes:
+#  1. benchmarks/device_kernels.py: every Pallas kernel compiled against its jnp reference;
+#  2. benchmarks/cpu_gpu_equal.py: the GPU path selects what the CPU path selects;
+#  3. benchmarks/torch_flash_decode.py: torch SDPA decode (the peer) and the copy bandwidth;
+#  4. benchmarks/gpu_decode.py: decode steps in a compiled loop, dense and sparse, and
+#     retrieval (scores + selection) alone.
+# Usage on a GPU machine, from the repository root: OUT=/some/dir bash benchmarks/device_gpu_decode.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+  $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
+  date -u
+  echo "== kernels"; timeout 120 $PY benchmarks/device_kernels.py --repeats 20 --json "$OUT/device_kernels.json" | head -n 12
+  echo "== cpu vs gpu"
+  JAX_PLATFORMS=cpu timeout 90 $PY benchmarks/cpu_gpu_equal.py --save /tmp/cpu_path.npz \
+    && timeout 90 $PY benchmarks/cpu_gpu_equal.py --against /tmp/cpu_path.npz --json "$OUT/cpu_gpu_equal.json"
+  echo "== torch"; timeout 90 $PY benchmarks/torch_flash_decode.py --json "$OUT/torch_flash_decode.json" | grep -v '^ \|^[{}]'
+  echo "== jax decode loop"; timeout "${DECODE_TIMEOUT:-300}" $PY benchmarks/gpu_decode.py --json "$OUT/gpu_decode.json" ${DECODE_ARGS:-} | grep -v '^ \|^[{}]'
+  date -u
+} 2>&1 | tee "$OUT/log.txt"

@@ -1,0 +1,267 @@
+"""Decode steps timed as a decode loop runs them: many steps inside one compiled program.
+
+Every method's step writes one token into the cache (its length grows), appends it to the
+method's index and attends, inside a ``lax.scan`` over ``--steps`` steps with the cache and
+the index carried (and donated between calls, so no copy of the cache is timed). The
+per-step time is the loop's median wall time over ``--repeats`` calls divided by the
+steps: host dispatch is paid once per loop, as in a compiled decode loop. The per-call
+figure (one jitted step per Python call, dispatch included) is reported beside it.
+
+Dense baselines in the same run: the project's split-K Pallas decode kernel
+(``pallas_kernels.decode_attention``), its jnp twin under XLA, and
+``jax.nn.dot_product_attention`` (XLA and cuDNN, on the cache transposed to its layout, as
+a user would call it). Ratios are against the fastest dense; torch's SDPA flash decode is
+timed by ``benchmarks/torch_flash_decode.py`` in the same device run.
+
+Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by bisection
+and by ``lax.top_k``, and Spotlight's stages one by one. Results are written to ``--json``
+after every row (a run cut short still reports).
+
+  python benchmarks/gpu_decode.py --json $OUT/gpu_decode.json          # on the device
+  python benchmarks/gpu_decode.py --small                              # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import unittest.mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparse_attn as sa
+from pallas_kernels import decode_attention as da
+from pallas_kernels import pack_signs as ps
+from sparse_attn import hash_heads, selection, synthetic
+
+KV_HEADS, GROUP, HEAD_DIM = 8, 4, 128  # Llama-3.1-8B layer shapes
+
+
+def dense_nn(q, cache, implementation=None):
+  """``jax.nn.dot_product_attention`` on the cache transposed to its ``[B, S, H, D]``."""
+  keys, values, length = cache
+  return jax.nn.dot_product_attention(
+      q[:, None], jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2),
+      key_value_seq_lengths=length, implementation=implementation)[:, 0]
+
+
+def methods(params, which) -> dict:
+  """name -> ``(estimator or None, attend(q, cache, index, key) -> out, patch)``: ``patch``
+  is a context manager active while the step is traced (a selection variant)."""
+  no_patch = unittest.mock.patch.object(selection, "prefers_counting",
+                                        selection.prefers_counting)
+  bisect = unittest.mock.patch.object(selection, "prefers_counting", lambda: False)
+  dense = {
+      "dense_pallas": lambda q, c, i, k: da.decode_attention_kernel(q, *c)[0],
+      "dense_jnp": lambda q, c, i, k: da.decode_attention_reference(q, *c)[0],
+      "dense_nn_xla": lambda q, c, i, k: dense_nn(q, c, "xla"),
+      "dense_nn_cudnn": lambda q, c, i, k: dense_nn(q, c, "cudnn"),
+  }
+  every = {name: (None, fn, no_patch) for name, fn in dense.items()}
+  for name, blocks, stages in DENSE_VARIANTS:
+    every[name] = (None, lambda q, c, i, k, blocks=blocks: da.decode_attention_kernel(
+        q, *c, block_sizes=blocks)[0], compiler_patch(stages))
+  estimators = {"spotlight": lambda: sa.spotlight(params, fraction=0.02),
+                "topk_simhash": lambda: sa.topk(fraction=0.02, predictor="simhash")}
+  for name, make in estimators.items():
+    # A fresh estimator per variant: its jitted attend caches the trace of its selection.
+    for suffix, patch in (("", no_patch), ("_bisect", bisect)):
+      est = make()
+      every[name + suffix] = (est, lambda q, c, i, k, est=est: est.attend(q, c, i, k).out,
+                              patch)
+  # Attend alone (the tokens written during the loop stay unhashed): the append's cost is
+  # the difference.
+  est = estimators["spotlight"]()
+  every["spotlight_noappend"] = (est._replace(append=lambda i, c: i),
+                                 lambda q, c, i, k: est.attend(q, c, i, k).out, no_patch)
+  return {name: every[name] for name in which}
+
+
+# Split-K kernel variants: (name, block sizes, Triton pipelining stages).
+DENSE_VARIANTS = (
+    ("dense_pallas_b64", da.BlockSizes(block=64), 2),
+    ("dense_pallas_s3", da.BlockSizes(), 3),
+    ("dense_pallas_p256", da.BlockSizes(programs=256), 2),
+    ("dense_pallas_p1024", da.BlockSizes(programs=1024), 2),
+)
+
+
+def compiler_patch(stages: int):
+  """The backend's Triton compiler params with ``num_stages=stages``."""
+  from pallas_kernels import backend
+  default = backend.compiler_params
+
+  def params():
+    got = default()
+    return dataclasses.replace(got, num_stages=stages) if got is not None else None
+  return unittest.mock.patch.object(backend, "compiler_params", params)
+
+
+def write_token(cache: sa.KVCache, k_new, v_new) -> sa.KVCache:
+  """The cache with one token per row written at ``length`` (``k_new [B, Hkv, D]``)."""
+  put = jax.vmap(lambda x, new, p: jax.lax.dynamic_update_slice_in_dim(x, new[:, None], p, 1))
+  return sa.KVCache(put(cache.keys, k_new, cache.length), put(cache.values, v_new, cache.length),
+                    cache.length + 1)
+
+
+def step_inputs(key, steps, batch, dtype):
+  kk, kv, kq = jax.random.split(key, 3)
+  shape = (steps, batch, KV_HEADS, HEAD_DIM)
+  return (jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype),
+          jax.random.normal(kq, (steps, batch, KV_HEADS * GROUP, HEAD_DIM), dtype),
+          jax.random.split(jax.random.PRNGKey(7), steps))
+
+
+def time_method(name, est, attend, patch, cache, steps, repeats):
+  """``(per-step ms in a compiled loop, per-call ms)``; the cache comes back grown."""
+  index = est.init(cache, jax.random.PRNGKey(3)) if est is not None else ()
+  append = est.append if est is not None else (lambda i, c: i)
+
+  def step(carry, x):
+    cache, index = carry
+    k_new, v_new, q, key = x
+    cache = write_token(cache, k_new, v_new)
+    index = append(index, cache)
+    return (cache, index), jnp.sum(attend(q, cache, index, key).astype(jnp.float32))
+
+  with patch:
+    loop = jax.jit(lambda cache, index, xs: jax.lax.scan(step, (cache, index), xs),
+                   donate_argnums=(0, 1))
+    one = jax.jit(lambda cache, index, x: step((cache, index), x), donate_argnums=(0, 1))
+    xs = step_inputs(jax.random.PRNGKey(len(name)), steps, cache.keys.shape[0],
+                     cache.keys.dtype)
+    (cache, index), out = loop(cache, index, xs)  # compiles
+    jax.block_until_ready(out)
+    loop_times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      (cache, index), out = loop(cache, index, xs)
+      jax.block_until_ready(out)
+      loop_times.append(time.perf_counter() - start)
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    (cache, index), out = one(cache, index, x0)
+    jax.block_until_ready(out)
+    call_times = []
+    for _ in range(10):
+      start = time.perf_counter()
+      (cache, index), out = one(cache, index, x0)
+      jax.block_until_ready(out)
+      call_times.append(time.perf_counter() - start)
+  if not np.isfinite(float(jnp.sum(out))):
+    raise FloatingPointError(f"{name}: non-finite output")
+  del index
+  return 1e3 * float(np.median(loop_times)) / steps, 1e3 * float(np.median(call_times)), cache
+
+
+def decode_rows(args, params, report, save):
+  for length, batch in args.configs:
+    capacity = length + args.steps * (args.repeats + 2) + 64
+    _, cache = synthetic.llm_like(jax.random.PRNGKey(1), batch=batch, num_kv_heads=KV_HEADS,
+                                  group=GROUP, capacity=capacity, head_dim=HEAD_DIM,
+                                  length=jnp.full((batch,), length, jnp.int32),
+                                  dtype=jnp.bfloat16)
+    row = {"length": length, "batch": batch, "dtype": "bfloat16", "loop_ms": {},
+           "call_ms": {}}
+    report["decode"].append(row)
+    for name, (est, attend, patch) in methods(params, args.methods).items():
+      try:
+        # Each method starts from the same prefilled length.
+        start = cache._replace(length=jnp.full((batch,), length, jnp.int32))
+        loop_ms, call_ms, cache = time_method(name, est, attend, patch, start, args.steps,
+                                              args.repeats)
+        row["loop_ms"][name], row["call_ms"][name] = loop_ms, call_ms
+      except Exception as err:  # noqa: BLE001 - one failing method must not end the run
+        row["loop_ms"][name] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+      print(f"n={length} B={batch} {name}: {row['loop_ms'][name]}", flush=True)
+      dense = [t for n, t in row["loop_ms"].items()
+               if n.startswith("dense") and isinstance(t, float)]
+      if dense:
+        row["speedup_vs_fastest_dense"] = {n: min(dense) / t for n, t in row["loop_ms"].items()
+                                           if isinstance(t, float)}
+      save()
+    del cache
+
+
+def retrieval_rows(args, report, save):
+  """Hamming scores of ``tokens x 8 KV heads x 128 bits`` (group 4) + the top 2% shared by
+  the group, in a compiled loop over queries."""
+  for tokens in args.retrieval_tokens:
+    k_codes = jax.random.bits(jax.random.PRNGKey(4), (1, KV_HEADS, tokens, 4), jnp.uint32)
+    q_codes = ps.pack_signs_reference(
+        jax.random.normal(jax.random.PRNGKey(5), (args.steps, 1, KV_HEADS * GROUP, HEAD_DIM)))
+    length = jnp.array([tokens], jnp.int32)
+    keep = math.ceil(0.02 * tokens)
+    eligible = jnp.ones((1, KV_HEADS, tokens), bool)
+    top_by = {
+        "scores only": None,
+        "counting": lambda s: selection.top(s, eligible, keep, keep, (-1, GROUP * HEAD_DIM),
+                                            counting=True)[0],
+        "bisection": lambda s: selection.top(s, eligible, keep, keep, counting=False)[0],
+        "lax.top_k": lambda s: jax.lax.top_k(s, keep)[1],
+    }
+    row = {"tokens": tokens, "kv_heads": KV_HEADS, "bits": HEAD_DIM, "keep": keep, "us": {}}
+    report["retrieval"].append(row)
+    for name, select in top_by.items():
+      def body(total, qc, select=select):
+        s = hash_heads.hamming_scores(qc, k_codes, HEAD_DIM, length)
+        picked = s if select is None else select(s)
+        return total + jnp.sum(picked[..., :8]), None
+
+      loop = jax.jit(lambda qs, body=body: jax.lax.scan(body, jnp.int32(0), qs)[0])
+      try:
+        jax.block_until_ready(loop(q_codes))
+        times = []
+        for _ in range(args.repeats):
+          start = time.perf_counter()
+          jax.block_until_ready(loop(q_codes))
+          times.append(time.perf_counter() - start)
+        row["us"][name] = 1e6 * float(np.median(times)) / args.steps
+      except Exception as err:  # noqa: BLE001
+        row["us"][name] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+      print(f"retrieval {tokens}: {name} {row['us'][name]}", flush=True)
+      save()
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", metavar="PATH")
+  parser.add_argument("--small", action="store_true", help="CPU smoke test at small sizes")
+  parser.add_argument("--steps", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--methods", default="dense_pallas,spotlight,topk_simhash,dense_jnp,"
+                      "dense_nn_xla,dense_nn_cudnn,spotlight_noappend,spotlight_bisect,"
+                      "topk_simhash_bisect," + ",".join(
+                          v[0] for v in DENSE_VARIANTS))
+  parser.add_argument("--configs", default="131072x1,131072x8,524288x1",
+                      help="comma-separated LENGTHxBATCH")
+  parser.add_argument("--retrieval-tokens", default="131072,524288")
+  args = parser.parse_args(argv)
+  args.methods = args.methods.split(",")
+  if args.small:
+    args.configs, args.retrieval_tokens, args.steps, args.repeats = "2048x1", "4096", 2, 1
+  args.configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+  args.retrieval_tokens = [int(t) for t in str(args.retrieval_tokens).split(",")]
+  report = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+            "steps_per_loop": args.steps, "repeats": args.repeats, "decode": [],
+            "retrieval": []}
+
+  def save():
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+
+  params = sa.hash_heads.init_params(jax.random.PRNGKey(0), KV_HEADS, HEAD_DIM)
+  retrieval_rows(args, report, save)
+  decode_rows(args, params, report, save)
+  print(json.dumps(report, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
