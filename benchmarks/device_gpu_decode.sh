@@ -6,6 +6,8 @@
 #  3. benchmarks/torch_flash_decode.py: torch SDPA decode (the peer) and the copy bandwidth;
 #  4. benchmarks/gpu_decode.py: decode steps in a compiled loop, dense and sparse, and
 #     retrieval (scores + selection) alone.
+# Knobs: KERNEL_ARGS (e.g. --no-timings), SKIP_TORCH=1, DECODE_TIMEOUT, DECODE_ARGS (e.g.
+# --hlo-dir "$OUT").
 # Usage on a GPU machine, from the repository root: OUT=/some/dir bash benchmarks/device_gpu_decode.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -17,11 +19,14 @@ PY="${PYTHON:-python3}"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
   $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
   date -u
-  echo "== kernels"; timeout 120 $PY benchmarks/device_kernels.py --repeats 20 --json "$OUT/device_kernels.json" | head -n 12
+  echo "== kernels"; timeout 120 $PY benchmarks/device_kernels.py --repeats 20 ${KERNEL_ARGS:-} --json "$OUT/device_kernels.json" | head -n 14
   echo "== cpu vs gpu"
   JAX_PLATFORMS=cpu timeout 90 $PY benchmarks/cpu_gpu_equal.py --save /tmp/cpu_path.npz \
     && timeout 90 $PY benchmarks/cpu_gpu_equal.py --against /tmp/cpu_path.npz --json "$OUT/cpu_gpu_equal.json"
-  echo "== torch"; timeout 90 $PY benchmarks/torch_flash_decode.py --json "$OUT/torch_flash_decode.json" | grep -v '^ \|^[{}]'
-  echo "== jax decode loop"; timeout "${DECODE_TIMEOUT:-300}" $PY benchmarks/gpu_decode.py --json "$OUT/gpu_decode.json" ${DECODE_ARGS:-} | grep -v '^ \|^[{}]'
+  if [ "${SKIP_TORCH:-0}" != 1 ]; then
+    echo "== torch"; timeout 90 $PY benchmarks/torch_flash_decode.py --json "$OUT/torch_flash_decode.json" | grep -v '^ \|^[{}]'
+  fi
+  echo "== jax decode loop"
+  timeout "${DECODE_TIMEOUT:-300}" $PY benchmarks/gpu_decode.py --json "$OUT/gpu_decode.json" ${DECODE_ARGS:-} | grep -v '^ \|^[{}]'
   date -u
 } 2>&1 | tee "$OUT/log.txt"

@@ -13,8 +13,10 @@ Dense baselines in the same run: the project's split-K Pallas decode kernel
 a user would call it). Ratios are against the fastest dense; torch's SDPA flash decode is
 timed by ``benchmarks/torch_flash_decode.py`` in the same device run.
 
-Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by bisection
-and by ``lax.top_k``, and Spotlight's stages one by one. Results are written to ``--json``
+Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by bisection,
+by ``lax.top_k`` and by the fused path's histograms; Spotlight without its append, and with
+a position list instead of the fused scan. ``--methods`` lists the variants run (the dense
+kernel's block-size sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json``
 after every row (a run cut short still reports).
 
   python benchmarks/gpu_decode.py --json $OUT/gpu_decode.json          # on the device
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import sys
@@ -38,7 +41,10 @@ import numpy as np
 import sparse_attn as sa
 from pallas_kernels import decode_attention as da
 from pallas_kernels import pack_signs as ps
+from pallas_kernels import score_histogram
 from sparse_attn import hash_heads, selection, synthetic
+
+topk_module = importlib.import_module("sparse_attn.topk")  # sa.topk is the factory
 
 KV_HEADS, GROUP, HEAD_DIM = 8, 4, 128  # Llama-3.1-8B layer shapes
 
@@ -57,6 +63,9 @@ def methods(params, which) -> dict:
   no_patch = unittest.mock.patch.object(selection, "prefers_counting",
                                         selection.prefers_counting)
   bisect = unittest.mock.patch.object(selection, "prefers_counting", lambda: False)
+  # Kernels on, but the position list (counting selection + sparse decode kernel) instead of
+  # the fused histogram + masked scan.
+  listed = unittest.mock.patch.object(topk_module, "fused_retrieval", lambda *a: False)
   dense = {
       "dense_pallas": lambda q, c, i, k: da.decode_attention_kernel(q, *c)[0],
       "dense_jnp": lambda q, c, i, k: da.decode_attention_reference(q, *c)[0],
@@ -71,7 +80,7 @@ def methods(params, which) -> dict:
                 "topk_simhash": lambda: sa.topk(fraction=0.02, predictor="simhash")}
   for name, make in estimators.items():
     # A fresh estimator per variant: its jitted attend caches the trace of its selection.
-    for suffix, patch in (("", no_patch), ("_bisect", bisect)):
+    for suffix, patch in (("", no_patch), ("_bisect", bisect), ("_list", listed)):
       est = make()
       every[name + suffix] = (est, lambda q, c, i, k, est=est: est.attend(q, c, i, k).out,
                               patch)
@@ -118,7 +127,7 @@ def step_inputs(key, steps, batch, dtype):
           jax.random.split(jax.random.PRNGKey(7), steps))
 
 
-def time_method(name, est, attend, patch, cache, steps, repeats):
+def time_method(name, est, attend, patch, cache, steps, repeats, hlo_path=None):
   """``(per-step ms in a compiled loop, per-call ms)``; the cache comes back grown."""
   index = est.init(cache, jax.random.PRNGKey(3)) if est is not None else ()
   append = est.append if est is not None else (lambda i, c: i)
@@ -136,6 +145,15 @@ def time_method(name, est, attend, patch, cache, steps, repeats):
     one = jax.jit(lambda cache, index, x: step((cache, index), x), donate_argnums=(0, 1))
     xs = step_inputs(jax.random.PRNGKey(len(name)), steps, cache.keys.shape[0],
                      cache.keys.dtype)
+    if hlo_path:  # where the compiled loop copies whole arrays, and how many loops it runs
+      text = loop.lower(cache, index, xs).compile().as_text()
+      with open(hlo_path, "w") as f:
+        f.write(text)
+      big = [line.strip()[:160] for line in text.splitlines()
+             if " copy(" in line and str(cache.keys.shape[2]) in line]
+      print(f"{name}: {len(big)} copies of cache-sized arrays, "
+            f"{text.count(' while(')} while loops, {text.count('conditional(')} "
+            f"conditionals", *big[:6], sep="\n  ", flush=True)
     (cache, index), out = loop(cache, index, xs)  # compiles
     jax.block_until_ready(out)
     loop_times = []
@@ -173,8 +191,10 @@ def decode_rows(args, params, report, save):
       try:
         # Each method starts from the same prefilled length.
         start = cache._replace(length=jnp.full((batch,), length, jnp.int32))
+        hlo = (args.hlo_dir and name in ("spotlight", "dense_pallas") and batch == 1
+               and length == args.configs[0][0] and f"{args.hlo_dir}/hlo_{name}.txt")
         loop_ms, call_ms, cache = time_method(name, est, attend, patch, start, args.steps,
-                                              args.repeats)
+                                              args.repeats, hlo)
         row["loop_ms"][name], row["call_ms"][name] = loop_ms, call_ms
       except Exception as err:  # noqa: BLE001 - one failing method must not end the run
         row["loop_ms"][name] = f"failed: {type(err).__name__}: {str(err)[:300]}"
@@ -204,6 +224,12 @@ def retrieval_rows(args, report, save):
                                             counting=True)[0],
         "bisection": lambda s: selection.top(s, eligible, keep, keep, counting=False)[0],
         "lax.top_k": lambda s: jax.lax.top_k(s, keep)[1],
+        # The fused path's retrieval: histograms, then the threshold, the ties to keep and
+        # the ties before each block (the kept set, without a list of positions).
+        "histogram plan": lambda s: jnp.concatenate([
+            x.reshape(1, KV_HEADS, -1) for x in selection.counting_plan(
+                score_histogram.score_histogram_kernel(s, length, -1),
+                jnp.full((1, KV_HEADS), keep, jnp.int32), -1)], axis=-1),
     }
     row = {"tokens": tokens, "kv_heads": KV_HEADS, "bits": HEAD_DIM, "keep": keep, "us": {}}
     report["retrieval"].append(row)
@@ -234,13 +260,13 @@ def main(argv=None) -> int:
   parser.add_argument("--small", action="store_true", help="CPU smoke test at small sizes")
   parser.add_argument("--steps", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--methods", default="dense_pallas,spotlight,topk_simhash,dense_jnp,"
-                      "dense_nn_xla,dense_nn_cudnn,spotlight_noappend,spotlight_bisect,"
-                      "topk_simhash_bisect," + ",".join(
-                          v[0] for v in DENSE_VARIANTS))
+  parser.add_argument("--methods", default="dense_pallas,spotlight,topk_simhash,"
+                      "dense_pallas_p256,spotlight_noappend,spotlight_list,dense_nn_cudnn")
   parser.add_argument("--configs", default="131072x1,131072x8,524288x1",
                       help="comma-separated LENGTHxBATCH")
   parser.add_argument("--retrieval-tokens", default="131072,524288")
+  parser.add_argument("--hlo-dir", help="save the compiled loops of spotlight and "
+                      "dense_pallas at batch 1 here")
   args = parser.parse_args(argv)
   args.methods = args.methods.split(",")
   if args.small:

@@ -87,15 +87,25 @@ def decode_attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array,
   return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
 
 
-def _probabilities_times_values(p, v):
+def _dot(a, b, contract):
+  """``a . b`` over the given dims, accumulated in float32; float32 operands multiply in
+  float32 (HIGHEST: Triton's default for them is TF32)."""
+  return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32,
+                             precision=jax.lax.Precision.HIGHEST)
+
+
+def query_scores(q, k, scale: float):
+  """``q [R, D] . k [n, D]^T * scale``: float32 ``[R, n]``."""
+  return _dot(q, k, ((1,), (1,))) * scale
+
+
+def weighted_values(p, v):
   """``p [R, n] float32 @ v [n, D]`` in float32, for 16-bit ``v`` as two bf16 products."""
-  contract = (((1,), (0,)), ((), ()))
   if v.dtype == jnp.float32:
-    return jax.lax.dot_general(p, v, contract, preferred_element_type=jnp.float32)
+    return _dot(p, v, ((1,), (0,)))
   hi = p.astype(v.dtype)
   lo = (p - hi.astype(jnp.float32)).astype(v.dtype)
-  return (jax.lax.dot_general(hi, v, contract, preferred_element_type=jnp.float32)
-          + jax.lax.dot_general(lo, v, contract, preferred_element_type=jnp.float32))
+  return _dot(hi, v, ((1,), (0,))) + _dot(lo, v, ((1,), (0,)))
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capacity, scale):
@@ -118,8 +128,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capac
     v = v_ref[0, 0, pl.ds(first, block), :]
     if k.dtype != q.dtype:
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * scale  # [R, block]
+    s = query_scores(q, k, scale)  # [R, block]
     valid = ((positions >= start) & (positions < begin + n_valid))[None, :]
     s = jnp.where(valid, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -129,7 +138,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capac
     # Rows past length may hold anything (NaN in a fresh buffer): 0 * NaN must not leak.
     v = jnp.where(jnp.broadcast_to(valid[0][:, None], v.shape), v, jnp.zeros_like(v))
     return (m_new, l * rescale + jnp.sum(p, axis=1),
-            acc * rescale[:, None] + _probabilities_times_values(p, v))
+            acc * rescale[:, None] + weighted_values(p, v))
 
   init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
           jnp.zeros((rows, head_dim), jnp.float32))

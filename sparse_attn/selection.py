@@ -194,6 +194,35 @@ def counting_threshold(keys: jax.Array, eligible: jax.Array, want: jax.Array,
   return want, base + jnp.maximum(buckets_reaching(fine) - 1, 0)
 
 
+def counting_plan(hist: jax.Array, want: jax.Array,
+                  lo: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What ``top`` keeps, from per-block histograms of integer scores (no pass over tokens).
+
+  Args:
+    hist: ``int32 [..., blocks, V]``: ``hist[..., j, v]`` eligible tokens of block ``j``
+      scoring ``lo + v`` (``pallas_kernels.score_histogram``).
+    want: ``int [...]``: how many to keep (capped at the eligible count here).
+    lo: the score of bin 0.
+
+  Returns:
+    ``(threshold, need, ties_before)``: keep every eligible token scoring above
+    ``threshold [...]`` and the first ``need [...]`` scoring exactly it, in position order;
+    ``ties_before [..., blocks]`` counts the eligible tokens scoring ``threshold`` in the
+    blocks before each block. The kept set is ``top``'s, ties included.
+  """
+  total = jnp.sum(hist, axis=-2)  # [..., V]
+  at_least = jnp.flip(jnp.cumsum(jnp.flip(total, -1), axis=-1), -1)  # #{score >= lo + v}
+  want = jnp.minimum(jnp.asarray(want, jnp.int32), at_least[..., 0])
+  # Counts fall as v rises: the bins reaching want are a prefix, the last is the threshold.
+  bin_ = jnp.maximum(jnp.sum(at_least >= want[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
+  above = jnp.take_along_axis(at_least, bin_[..., None], -1)[..., 0] - jnp.take_along_axis(
+      total, bin_[..., None], -1)[..., 0]
+  ties = jnp.take_along_axis(hist, jnp.broadcast_to(bin_[..., None, None],
+                                                    hist.shape[:-1] + (1,)), -1)[..., 0]
+  ties_before = jnp.cumsum(ties, axis=-1, dtype=jnp.int32) - ties
+  return bin_ + lo, want - above, ties_before
+
+
 def _threshold(keys, eligible, want):
   """``(want, t)``, both ``[..., 1]``: ``want`` capped at the eligible count and the largest
   key ``t`` with ``count(keys >= t) >= want``."""

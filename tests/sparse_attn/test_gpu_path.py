@@ -1,7 +1,8 @@
 """The accelerator path (Pallas kernels, counting selection) gives the CPU path's answer.
 
 Both paths run here: the kernels in interpret mode and the selection by counting, against
-the jnp references and the bisection, on a ragged bf16 cache. Same selection (so the same
+the jnp references and the bisection, on a ragged bf16 cache. Spotlight's accelerator path
+is the fused one (score histograms, then one masked scan), with and without a window. Same selection (so the same
 number of selected tokens, ties included) and the same output up to bf16 rounding.
 """
 
@@ -28,6 +29,7 @@ def problem():
 def estimators():
   params = sa.hash_heads.init_params(jax.random.PRNGKey(3), 2, 32)
   return {"spotlight": sa.spotlight(params, fraction=0.05),
+          "spotlight_window": sa.spotlight(params, fraction=0.05, sinks=4, local=16),
           "topk_simhash": sa.topk(fraction=0.05, predictor="simhash", bits=64),
           "dense": sa.dense()}
 
@@ -42,7 +44,7 @@ def accelerator_path(monkeypatch):
   jax.clear_caches()  # and later tests do not reuse these traces
 
 
-@pytest.mark.parametrize("name", ["spotlight", "topk_simhash", "dense"])
+@pytest.mark.parametrize("name", ["spotlight", "spotlight_window", "topk_simhash", "dense"])
 def test_kernels_and_counting_match_the_cpu_path(name, request):
   q, cache = problem()
   key = jax.random.PRNGKey(4)
