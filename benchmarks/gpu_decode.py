@@ -14,8 +14,7 @@ a user would call it). Ratios are against the fastest dense; torch's SDPA flash 
 timed by ``benchmarks/torch_flash_decode.py`` in the same device run.
 
 Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by bisection,
-by ``lax.top_k`` and by the fused path's histograms; Spotlight without its append, and with
-a position list instead of the fused scan. ``--methods`` lists the variants run (the dense
+by ``lax.top_k`` and by score histograms; Spotlight without its append. ``--methods`` lists the variants run (the dense
 kernel's block-size sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json``
 after every row (a run cut short still reports).
 
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import sys
@@ -43,8 +41,6 @@ from pallas_kernels import decode_attention as da
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import score_histogram
 from sparse_attn import hash_heads, selection, synthetic
-
-topk_module = importlib.import_module("sparse_attn.topk")  # sa.topk is the factory
 
 KV_HEADS, GROUP, HEAD_DIM = 8, 4, 128  # Llama-3.1-8B layer shapes
 
@@ -63,9 +59,7 @@ def methods(params, which) -> dict:
   no_patch = unittest.mock.patch.object(selection, "prefers_counting",
                                         selection.prefers_counting)
   bisect = unittest.mock.patch.object(selection, "prefers_counting", lambda: False)
-  # Kernels on, but the position list (counting selection + sparse decode kernel) instead of
-  # the fused histogram + masked scan.
-  listed = unittest.mock.patch.object(topk_module, "fused_retrieval", lambda *a: False)
+
   dense = {
       "dense_pallas": lambda q, c, i, k: da.decode_attention_kernel(q, *c)[0],
       "dense_jnp": lambda q, c, i, k: da.decode_attention_reference(q, *c)[0],
@@ -80,7 +74,7 @@ def methods(params, which) -> dict:
                 "topk_simhash": lambda: sa.topk(fraction=0.02, predictor="simhash")}
   for name, make in estimators.items():
     # A fresh estimator per variant: its jitted attend caches the trace of its selection.
-    for suffix, patch in (("", no_patch), ("_bisect", bisect), ("_list", listed)):
+    for suffix, patch in (("", no_patch), ("_bisect", bisect)):
       est = make()
       every[name + suffix] = (est, lambda q, c, i, k, est=est: est.attend(q, c, i, k).out,
                               patch)
@@ -224,8 +218,8 @@ def retrieval_rows(args, report, save):
                                             counting=True)[0],
         "bisection": lambda s: selection.top(s, eligible, keep, keep, counting=False)[0],
         "lax.top_k": lambda s: jax.lax.top_k(s, keep)[1],
-        # The fused path's retrieval: histograms, then the threshold, the ties to keep and
-        # the ties before each block (the kept set, without a list of positions).
+        # Histograms, then the threshold, the ties to keep and the ties before each block:
+        # the kept set, without a list of positions.
         "histogram plan": lambda s: jnp.concatenate([
             x.reshape(1, KV_HEADS, -1) for x in selection.counting_plan(
                 score_histogram.score_histogram_kernel(s, length, -1),
@@ -261,7 +255,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--methods", default="dense_pallas,spotlight,topk_simhash,"
-                      "dense_pallas_p256,spotlight_noappend,spotlight_list,dense_nn_cudnn")
+                      "dense_pallas_p256,spotlight_noappend,dense_nn_cudnn")
   parser.add_argument("--configs", default="131072x1,131072x8,524288x1",
                       help="comma-separated LENGTHxBATCH")
   parser.add_argument("--retrieval-tokens", default="131072,524288")

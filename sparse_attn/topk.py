@@ -18,7 +18,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import backend, decode_attention, score_histogram, topk_decode_attention
 from sparse_attn import predictors, selection
 from sparse_attn.attention import attend_rows, combine_lse, group_queries
 from sparse_attn.attention import make_result, row_scores, softmax_attend
@@ -86,8 +85,6 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
       keep = jnp.maximum(jnp.minimum(n, min_tokens), jnp.ceil(fraction * n)).astype(jnp.int32)
       keep = keep[:, None, None, None]
     score_range = pred.score_range and pred.score_range(qg.shape[2], qg.shape[3])
-    if pred.shared_by_group and fused_retrieval(score_range, qg.shape[3]):
-      return _fused(q, cache, scores[:, :, 0], jnp.minimum(keep, k_max), score_range)
     top_pos, top_mask = selection.top(scores, residual, k_max, keep, score_range)
     count = jnp.sum(top_mask, axis=-1, dtype=jnp.int32)  # valid entries come first
     if pred.shared_by_group:  # one list per KV head: its rows are read once for the group
@@ -99,35 +96,7 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     return make_result(q, out, lse, selected, cache,
                        read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
 
-  def _fused(q, cache, scores, keep, score_range):
-    """Retrieval and attention in two kernels: histograms of the scores, then one scan
-    that attends over the kept rows (the same set as ``selection.top``)."""
-    keys, values, length = cache
-    lo = score_range[0]
-    hist = score_histogram.score_histogram_kernel(scores, length, lo, sinks, local)
-    keep = jnp.asarray(keep, jnp.int32)
-    want = jnp.broadcast_to(keep.reshape(-1, 1) if keep.ndim else keep, scores.shape[:2])
-    threshold, need, ties_before = selection.counting_plan(hist, want, lo)
-    out, lse = topk_decode_attention.topk_decode_attention_kernel(
-        q, keys, values, scores, length, threshold, need, ties_before, sinks, local,
-        score_histogram.BlockSizes().block)
-    eligible = jnp.sum(hist, axis=(-2, -1))
-    kept = jnp.minimum(want, eligible) + length[:, None] - eligible  # top + exact window
-    batch, num_q, _ = q.shape
-    selected = jnp.repeat(kept.astype(jnp.float32), num_q // keys.shape[1], axis=1)
-    return make_result(q, out, lse, selected, cache,
-                       read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
-
   return Estimator(init, pred.append, attend)
-
-
-def fused_retrieval(score_range: tuple[int, int] | None, head_dim: int) -> bool:
-  """Whether a group-shared integer ranking is retrieved by the fused kernels (histogram,
-  then one masked scan) instead of a position list: on verified accelerators, for scores
-  that fit the histogram and head dims the kernels take."""
-  return (score_range is not None and backend.use_kernels()
-          and score_range[1] - score_range[0] < score_histogram.BINS
-          and decode_attention.supported(head_dim))
 
 
 def topp(p: float) -> Estimator:

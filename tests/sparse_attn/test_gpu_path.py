@@ -1,9 +1,9 @@
 """The accelerator path (Pallas kernels, counting selection) gives the CPU path's answer.
 
 Both paths run here: the kernels in interpret mode and the selection by counting, against
-the jnp references and the bisection, on a ragged bf16 cache. Spotlight's accelerator path
-is the fused one (score histograms, then one masked scan), with and without a window. Same selection (so the same
-number of selected tokens, ties included) and the same output up to bf16 rounding.
+the jnp references and the bisection, on a ragged bf16 cache (Spotlight with and without
+an exact window). Same selection (so the same number of selected tokens, ties included)
+and the same output up to bf16 rounding.
 """
 
 import jax

@@ -115,11 +115,4 @@ def test_spotlight_through_the_pallas_kernels_in_interpret_mode(monkeypatch):
   monkeypatch.setenv("SPARSE_ATTN_PALLAS", "0")  # jnp references
   est = sa.spotlight(params)
   reference = est.attend(q, cache, est.init(cache))
-  # The kernels' path is the fused one (histograms, then a scan over the kept rows): the same
-  # set, summed in another order.
-  np.testing.assert_array_equal(np.asarray(with_kernels.stats["selected"]),
-                                np.asarray(reference.stats["selected"]))
-  np.testing.assert_allclose(np.asarray(with_kernels.out), np.asarray(reference.out),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(with_kernels.lse), np.asarray(reference.lse),
-                             rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(with_kernels.out), np.asarray(reference.out))

@@ -1,0 +1,77 @@
+"""Retrieval by counting: the histogram kernel (interpret mode) == reference == numpy, and
+the counting plan drawn from the histograms keeps exactly ``selection.top``'s set."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import score_histogram as sh
+from sparse_attn import selection
+from sparse_attn.streaming import residual_mask
+
+SINKS, LOCAL = 4, 16
+
+
+def problem(seed, capacity=700, score_max=20):
+  """Scores in [-1, score_max) on a full row and a ragged one; keeps from 0 to 59."""
+  rng = np.random.default_rng(seed)
+  length = jnp.array([capacity, 333], jnp.int32)
+  scores = jnp.asarray(rng.integers(-1, score_max, size=(2, 2, capacity)), jnp.int32)
+  keep = jnp.asarray(rng.integers(0, 60, size=(2, 2)), jnp.int32)
+  return length, scores, keep
+
+
+def numpy_histogram(scores, length, lo, block):
+  scores, length = np.asarray(scores), np.asarray(length)
+  batch, heads, capacity = scores.shape
+  hist = np.zeros((batch, heads, -(-capacity // block), sh.BINS), np.int64)
+  for b, h, j in np.ndindex(batch, heads, capacity):
+    if SINKS <= j < length[b] - LOCAL:
+      hist[b, h, j // block, scores[b, h, j] - lo] += 1
+  return hist
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_histogram_kernel_counts_eligible_scores(seed):
+  length, scores, _ = problem(seed)
+  want = numpy_histogram(scores, length, -1, 128)
+  ref = sh.score_histogram_reference(scores, length, -1, SINKS, LOCAL, 128)
+  got = sh.score_histogram_kernel(scores, length, -1, SINKS, LOCAL, sh.BlockSizes(block=128),
+                                  interpret=True)
+  np.testing.assert_array_equal(np.asarray(ref), want)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_counting_plan_keeps_what_top_keeps(seed):
+  """Many ties (scores 0..19 over hundreds of tokens), keeps from 0 to past the eligible
+  count, an empty-ish row: the plan's set equals ``selection.top``'s, position by position."""
+  length, scores, keep = problem(seed, score_max=[3, 20, 300, 1000][seed])
+  capacity = scores.shape[-1]
+  hist = sh.score_histogram_reference(scores, length, -1, SINKS, LOCAL, 128)
+  threshold, need, _ = selection.counting_plan(hist, keep, -1)
+  positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+  eligible = residual_mask(positions, length, SINKS, LOCAL)
+  top, valid = selection.top(scores, eligible, 60, keep[..., None])
+  want = selection.positions_mask(top, valid, capacity) | (
+      ~eligible & (positions < length[:, None, None]))
+  got = kept_by_plan(np.asarray(scores), np.asarray(length), np.asarray(threshold),
+                     np.asarray(need))
+  np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def kept_by_plan(scores, length, threshold, need):
+  """numpy: the exact window, every eligible token above the threshold, and the first
+  ``need`` eligible ones at it."""
+  kept = np.zeros(scores.shape, bool)
+  for b, h in np.ndindex(scores.shape[:2]):
+    ties = 0
+    for j in range(length[b]):
+      if not SINKS <= j < length[b] - LOCAL:
+        kept[b, h, j] = True
+      elif scores[b, h, j] > threshold[b, h]:
+        kept[b, h, j] = True
+      elif scores[b, h, j] == threshold[b, h]:
+        kept[b, h, j] = ties < need[b, h]
+        ties += 1
+  return kept
