@@ -66,7 +66,9 @@ def decode_attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array,
 
   Returns:
     ``(out float32 [B, Hq, D], lse float32 [B, Hq])``; ``out = 0``, ``lse = -inf`` for an
-    empty row.
+    empty row; ``out`` and ``lse`` NaN for a head with a non-finite score among its valid
+    tokens (a NaN or inf key). Rows past ``length`` are masked out of the scores; the
+    reference assumes them finite (``0 * NaN`` would reach ``out``), the kernel does not.
   """
   batch, num_q, head_dim = q.shape
   num_kv, capacity = keys.shape[1], keys.shape[2]
@@ -79,11 +81,12 @@ def decode_attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array,
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   e = jnp.where(valid, jnp.exp(scores - m), 0.0)
   total = jnp.sum(e, axis=-1)
-  values32 = jnp.where(valid[:, :, 0, :, None], values.astype(jnp.float32), 0.0)
-  num = jnp.einsum("bhgs,bhsd->bhgd", e, values32, precision=jax.lax.Precision.HIGHEST)
+  num = jnp.einsum("bhgs,bhsd->bhgd", e, values.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
   safe = jnp.where(total > 0, total, 1.0)
-  out = num / safe[..., None]
-  lse = jnp.where(total > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
+  bad = jnp.any(valid & ~jnp.isfinite(scores), axis=-1)
+  out = jnp.where(bad[..., None], jnp.nan, num / safe[..., None])
+  lse = jnp.where(bad, jnp.nan, jnp.where(total > 0, m[..., 0] + jnp.log(safe), -jnp.inf))
   return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
 
 
@@ -118,7 +121,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capac
   rows, head_dim = q.shape
 
   def body(i, carry):
-    m, l, acc = carry
+    m, l, acc, bad = carry
     start = begin + i * block
     # A last block that would reach past S starts earlier instead (no load past the array
     # on any backend); the rows it reads twice are masked out.
@@ -130,7 +133,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capac
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     s = query_scores(q, k, scale)  # [R, block]
     valid = ((positions >= start) & (positions < begin + n_valid))[None, :]
-    s = jnp.where(valid, s, -jnp.inf)
+    bad = bad | jnp.any(valid & ~jnp.isfinite(s), axis=1)  # a NaN or inf key: NaN head
+    s = jnp.where(valid & jnp.isfinite(s), s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     shift = jnp.where(m_new > -jnp.inf, m_new, 0.0)
     p = jnp.where(valid, jnp.exp(s - shift[:, None]), 0.0)
@@ -138,14 +142,14 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capac
     # Rows past length may hold anything (NaN in a fresh buffer): 0 * NaN must not leak.
     v = jnp.where(jnp.broadcast_to(valid[0][:, None], v.shape), v, jnp.zeros_like(v))
     return (m_new, l * rescale + jnp.sum(p, axis=1),
-            acc * rescale[:, None] + weighted_values(p, v))
+            acc * rescale[:, None] + weighted_values(p, v), bad)
 
   init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-          jnp.zeros((rows, head_dim), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, pl.cdiv(n_valid, block), body, init)
+          jnp.zeros((rows, head_dim), jnp.float32), jnp.zeros((rows,), jnp.bool_))
+  m, l, acc, bad = jax.lax.fori_loop(0, pl.cdiv(n_valid, block), body, init)
   safe = jnp.where(l > 0, l, 1.0)
-  o_ref[0, 0, 0] = acc / safe[:, None]
-  lse_ref[0, 0, 0] = jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
+  o_ref[0, 0, 0] = jnp.where(bad[:, None], jnp.nan, acc / safe[:, None])
+  lse_ref[0, 0, 0] = jnp.where(bad, jnp.nan, jnp.where(l > 0, m + jnp.log(safe), -jnp.inf))
 
 
 @functools.partial(jax.jit, static_argnames=["block_sizes", "interpret"])

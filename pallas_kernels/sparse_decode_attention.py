@@ -70,7 +70,8 @@ def merge_splits(out, lse):
   total = jnp.sum(w, axis=2)
   safe = jnp.where(total > 0, total, 1.0)
   merged = jnp.sum(w[..., None] * out, axis=2) / safe[..., None]
-  return merged, jnp.where(total > 0, m[:, :, 0] + jnp.log(safe), -jnp.inf)
+  lse = jnp.where(total > 0, m[:, :, 0] + jnp.log(safe), -jnp.inf)
+  return merged, jnp.where(jnp.isnan(total), jnp.nan, lse)  # a NaN split: a NaN result
 
 
 def _online_step(carry, s, valid, weighted_sum):

@@ -33,7 +33,6 @@ def problem(dtype, capacity=300, seed=0):
   keys = rng.normal(size=(batch, num_kv, capacity, dim))
   values = rng.normal(size=(batch, num_kv, capacity, dim))
   length = np.array([0, 257, capacity], np.int32)  # empty, ragged, full
-  keys[1, :, 257:] = values[1, :, 257:] = np.nan  # past length: never read into the output
   return q, jnp.asarray(keys, dtype), jnp.asarray(values, dtype), jnp.asarray(length)
 
 
@@ -60,3 +59,22 @@ def test_default_split_fills_the_grid_and_stays_a_multiple_of_the_block():
   assert da.BlockSizes().resolve(8, 8, 131072) == (128, 16384)
   assert da.BlockSizes().resolve(1, 2, 100) == (64, 64)  # a block never exceeds S
   assert not da.supported(96) and da.supported(128)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_non_finite_keys_make_their_head_nan_and_garbage_past_length_is_ignored(dtype):
+  q, keys, values, length = problem(dtype)
+  keys = keys.at[2, 1, 5].set(jnp.nan).at[2, 0, 299].set(jnp.inf)  # valid positions
+  keys = keys.at[1, :, 257:].set(jnp.nan)  # past length: never part of the result
+  values = values.at[1, :, 257:].set(jnp.nan)
+  want_out, _ = numpy_attention(q[:2], keys[:2].at[1, :, 257:].set(0),
+                                values[:2].at[1, :, 257:].set(0), length[:2])
+  got = da.decode_attention_kernel(q, keys, values, length, da.BlockSizes(block=64, split=128),
+                                   interpret=True)
+  ref = da.decode_attention_reference(q, keys.at[1, :, 257:].set(0),
+                                      values.at[1, :, 257:].set(0), length)
+  for out, lse in (got, ref):
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert np.isnan(out[2]).all() and np.isnan(lse[2]).all()  # both KV heads of row 2
+    np.testing.assert_allclose(out[:2], want_out, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(lse[0], -np.inf)
