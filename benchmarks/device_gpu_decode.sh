@@ -22,7 +22,9 @@ PY="${PYTHON:-python3}"
   echo "== kernels"; timeout 120 $PY benchmarks/device_kernels.py --repeats 20 ${KERNEL_ARGS:-} --json "$OUT/device_kernels.json" | head -n 14
   echo "== cpu vs gpu"
   JAX_PLATFORMS=cpu timeout 90 $PY benchmarks/cpu_gpu_equal.py --save /tmp/cpu_path.npz \
-    && timeout 90 $PY benchmarks/cpu_gpu_equal.py --against /tmp/cpu_path.npz --json "$OUT/cpu_gpu_equal.json"
+    && timeout 90 $PY benchmarks/cpu_gpu_equal.py --against /tmp/cpu_path.npz --json "$OUT/cpu_gpu_equal.json" \
+    && SPARSE_ATTN_PALLAS=1 timeout 90 $PY benchmarks/cpu_gpu_equal.py --against /tmp/cpu_path.npz \
+      --json "$OUT/cpu_gpu_equal_pending.json"  # with the kernels not yet verified
   if [ "${SKIP_TORCH:-0}" != 1 ]; then
     echo "== torch"; timeout 90 $PY benchmarks/torch_flash_decode.py --json "$OUT/torch_flash_decode.json" | grep -v '^ \|^[{}]'
   fi

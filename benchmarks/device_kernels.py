@@ -31,9 +31,11 @@ from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
 from pallas_kernels import pack_signs as ps
+from pallas_kernels import kept_positions as kp
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
 from pallas_kernels import table_match_counts as tmc
+from sparse_attn import selection
 
 # Peak HBM bandwidth in bytes/s by device kind (vendor figures), for the floor.
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}
@@ -132,6 +134,19 @@ def check_equal(interpret: bool) -> list[dict]:
                    sh.score_histogram_kernel(*hist_args, sh.BlockSizes(block=256),
                                              interpret=interpret),
                    sh.score_histogram_reference(*hist_args, 256)))})
+  hist = sh.score_histogram_reference(*hist_args, 256)
+  keep = jnp.asarray(rng.integers(0, 120, size=(3, 2)), jnp.int32)
+  plan = selection.counting_plan(hist, keep, -1)
+  count = np.minimum(np.asarray(keep), np.asarray(hist.sum((-2, -1))))
+  slots = jnp.arange(128)[None, None, :] < jnp.asarray(count)[..., None]
+
+  def kept_diff():
+    args = (scores, length, *plan, 4, 16, 128, 256)
+    got = kp.kept_positions_kernel(*args, interpret=interpret)
+    return max_diff(jnp.where(slots, got, 0), jnp.where(slots, kp.kept_positions_reference(*args), 0))
+
+  rows.append({"kernel": "kept_positions", "dtype": "uint32 (int32 positions)",
+               "max_diff": attempt(kept_diff)})
   for row in rows:
     tolerance = 0 if row["dtype"].startswith("uint") else 1e-4
     row["ok"] = not isinstance(row["max_diff"], str) and row["max_diff"] <= tolerance

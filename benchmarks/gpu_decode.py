@@ -14,7 +14,9 @@ a user would call it). Ratios are against the fastest dense; torch's SDPA flash 
 timed by ``benchmarks/torch_flash_decode.py`` in the same device run.
 
 Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by bisection,
-by ``lax.top_k`` and by score histograms; Spotlight without its append. ``--methods`` lists the variants run (the dense
+by ``lax.top_k``, by score histograms and by the kept-positions kernel; Spotlight without
+its append; ``*_kept`` variants select with the kernels not yet verified on a device
+(``backend.PENDING``). ``--methods`` lists the variants run (the dense
 kernel's block-size sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json``
 after every row (a run cut short still reports).
 
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
+from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import score_histogram
@@ -59,6 +62,8 @@ def methods(params, which) -> dict:
   no_patch = unittest.mock.patch.object(selection, "prefers_counting",
                                         selection.prefers_counting)
   bisect = unittest.mock.patch.object(selection, "prefers_counting", lambda: False)
+  # The kernels not yet verified on a device too (the kept-positions selection).
+  pending = unittest.mock.patch.object(backend, "PENDING", frozenset())
 
   dense = {
       "dense_pallas": lambda q, c, i, k: da.decode_attention_kernel(q, *c)[0],
@@ -74,7 +79,7 @@ def methods(params, which) -> dict:
                 "topk_simhash": lambda: sa.topk(fraction=0.02, predictor="simhash")}
   for name, make in estimators.items():
     # A fresh estimator per variant: its jitted attend caches the trace of its selection.
-    for suffix, patch in (("", no_patch), ("_bisect", bisect)):
+    for suffix, patch in (("", no_patch), ("_bisect", bisect), ("_kept", pending)):
       est = make()
       every[name + suffix] = (est, lambda q, c, i, k, est=est: est.attend(q, c, i, k).out,
                               patch)
@@ -220,6 +225,8 @@ def retrieval_rows(args, report, save):
         "lax.top_k": lambda s: jax.lax.top_k(s, keep)[1],
         # Histograms, then the threshold, the ties to keep and the ties before each block:
         # the kept set, without a list of positions.
+        "kept positions": lambda s: selection.top_of_residual(
+            s, length, 0, 0, keep, keep, (-1, GROUP * HEAD_DIM))[0],
         "histogram plan": lambda s: jnp.concatenate([
             x.reshape(1, KV_HEADS, -1) for x in selection.counting_plan(
                 score_histogram.score_histogram_kernel(s, length, -1),
@@ -254,8 +261,9 @@ def main(argv=None) -> int:
   parser.add_argument("--small", action="store_true", help="CPU smoke test at small sizes")
   parser.add_argument("--steps", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--methods", default="dense_pallas,spotlight,topk_simhash,"
-                      "dense_pallas_p256,spotlight_noappend,dense_nn_cudnn")
+  parser.add_argument("--methods", default="dense_pallas_p256,spotlight,spotlight_kept,"
+                      "topk_simhash,topk_simhash_kept,spotlight_noappend,dense_pallas,"
+                      "dense_nn_cudnn")
   parser.add_argument("--configs", default="131072x1,131072x8,524288x1",
                       help="comma-separated LENGTHxBATCH")
   parser.add_argument("--retrieval-tokens", default="131072,524288")

@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import backend
+from pallas_kernels import backend, kept_positions, score_histogram
 from pallas_kernels.pack_signs import pack_signs_reference
 
 _INT32_MIN = -(2**31)
@@ -155,6 +155,46 @@ def kth_largest(scores: jax.Array, eligible: jax.Array, keep: jax.Array) -> jax.
   return jnp.where(keep < 1, jnp.inf, jnp.where(jnp.any(eligible, -1), value, -jnp.inf))
 
 
+def counts_with_kernels(score_range: tuple[int, int] | None) -> bool:
+  """Whether ``top_of_residual`` takes integer scores in ``score_range``: on accelerators
+  whose kernels are used, for ranges that fit the histograms."""
+  return (score_range is not None and score_range[1] - score_range[0] < score_histogram.BINS
+          and backend.use_kernels("kept_positions"))
+
+
+def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int, size: int,
+                    keep: jax.Array | int,
+                    score_range: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+  """``top(scores, residual, size, keep, score_range)`` for the residual of an exact window
+  (``sinks <= position < length - local``), by three kernels and no pass of XLA over the
+  tokens: per-block score histograms, the plan drawn from them (``counting_plan``), and
+  each block writing its kept positions to their slots (``pallas_kernels.kept_positions``).
+
+  Args:
+    scores: integer ``[B, ..., S]`` in ``[lo, hi] = score_range`` where eligible.
+    length: ``int32 [B]``.
+    sinks, local, size, score_range: static.
+    keep: an int or an int array broadcastable to ``[B, ..., 1]``.
+
+  Returns:
+    ``(positions int32 [B, ..., size], valid bool [B, ..., size])``, as ``top``.
+  """
+  lead, capacity = scores.shape[:-1], scores.shape[-1]
+  flat = scores.reshape(lead[0], -1, capacity)
+  lo = score_range[0]
+  block = score_histogram.BlockSizes().block
+  hist = score_histogram.score_histogram_kernel(flat, length, lo, sinks, local)
+  keep = jnp.minimum(jnp.asarray(keep, jnp.int32), size)
+  want = jnp.broadcast_to(keep, lead + (1,)).reshape(flat.shape[:2])
+  threshold, need, ties_before, kept_before = counting_plan(hist, want, lo)
+  positions = kept_positions.kept_positions_kernel(
+      flat, length, threshold, need, ties_before, kept_before, sinks, local, size, block)
+  count = jnp.minimum(want, jnp.sum(hist, axis=(-2, -1)))
+  valid = jnp.arange(size, dtype=jnp.int32)[None, None, :] < count[..., None]
+  positions = jnp.where(valid, positions, 0)  # the contract's legal positions
+  return positions.reshape(lead + (size,)), valid.reshape(lead + (size,))
+
+
 def prefers_counting() -> bool:
   """Whether small-integer scores should be thresholded by counting, not by bisection.
 
@@ -205,10 +245,11 @@ def counting_plan(hist: jax.Array, want: jax.Array,
     lo: the score of bin 0.
 
   Returns:
-    ``(threshold, need, ties_before)``: keep every eligible token scoring above
+    ``(threshold, need, ties_before, kept_before)``: keep every eligible token scoring above
     ``threshold [...]`` and the first ``need [...]`` scoring exactly it, in position order;
-    ``ties_before [..., blocks]`` counts the eligible tokens scoring ``threshold`` in the
-    blocks before each block. The kept set is ``top``'s, ties included.
+    ``ties_before [..., blocks]`` and ``kept_before [..., blocks]`` count the eligible tokens
+    scoring ``threshold``, and the kept ones, in the blocks before each block. The kept set
+    is ``top``'s, ties included.
   """
   total = jnp.sum(hist, axis=-2)  # [..., V]
   at_least = jnp.flip(jnp.cumsum(jnp.flip(total, -1), axis=-1), -1)  # #{score >= lo + v}
@@ -220,7 +261,12 @@ def counting_plan(hist: jax.Array, want: jax.Array,
   ties = jnp.take_along_axis(hist, jnp.broadcast_to(bin_[..., None, None],
                                                     hist.shape[:-1] + (1,)), -1)[..., 0]
   ties_before = jnp.cumsum(ties, axis=-1, dtype=jnp.int32) - ties
-  return bin_ + lo, want - above, ties_before
+  need = want - above
+  bins = jnp.arange(hist.shape[-1], dtype=jnp.int32).reshape((1,) * (hist.ndim - 1) + (-1,))
+  above_in_block = jnp.sum(jnp.where(bins > bin_[..., None, None], hist, 0), axis=-1,
+                           dtype=jnp.int32)
+  kept = above_in_block + jnp.clip(need[..., None] - ties_before, 0, ties)
+  return bin_ + lo, need, ties_before, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - kept
 
 
 def _threshold(keys, eligible, want):

@@ -85,7 +85,11 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
       keep = jnp.maximum(jnp.minimum(n, min_tokens), jnp.ceil(fraction * n)).astype(jnp.int32)
       keep = keep[:, None, None, None]
     score_range = pred.score_range and pred.score_range(qg.shape[2], qg.shape[3])
-    top_pos, top_mask = selection.top(scores, residual, k_max, keep, score_range)
+    if selection.counts_with_kernels(score_range):
+      top_pos, top_mask = selection.top_of_residual(scores, length, sinks, local, k_max, keep,
+                                                    score_range)
+    else:
+      top_pos, top_mask = selection.top(scores, residual, k_max, keep, score_range)
     count = jnp.sum(top_mask, axis=-1, dtype=jnp.int32)  # valid entries come first
     if pred.shared_by_group:  # one list per KV head: its rows are read once for the group
       top_pos, count = top_pos[:, :, 0], count[:, :, 0]

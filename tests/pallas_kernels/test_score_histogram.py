@@ -1,10 +1,12 @@
-"""Retrieval by counting: the histogram kernel (interpret mode) == reference == numpy, and
-the counting plan drawn from the histograms keeps exactly ``selection.top``'s set."""
+"""Retrieval by counting: the histogram kernel (interpret mode) == reference == numpy, the
+counting plan drawn from the histograms keeps exactly ``selection.top``'s set, and the
+kept-positions kernel writes ``top``'s list from it."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import kept_positions as kp
 from pallas_kernels import score_histogram as sh
 from sparse_attn import selection
 from sparse_attn.streaming import residual_mask
@@ -49,7 +51,7 @@ def test_counting_plan_keeps_what_top_keeps(seed):
   length, scores, keep = problem(seed, score_max=[3, 20, 300, 1000][seed])
   capacity = scores.shape[-1]
   hist = sh.score_histogram_reference(scores, length, -1, SINKS, LOCAL, 128)
-  threshold, need, _ = selection.counting_plan(hist, keep, -1)
+  threshold, need, ties_before, kept_before = selection.counting_plan(hist, keep, -1)
   positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
   eligible = residual_mask(positions, length, SINKS, LOCAL)
   top, valid = selection.top(scores, eligible, 60, keep[..., None])
@@ -58,6 +60,15 @@ def test_counting_plan_keeps_what_top_keeps(seed):
   got = kept_by_plan(np.asarray(scores), np.asarray(length), np.asarray(threshold),
                      np.asarray(need))
   np.testing.assert_array_equal(got, np.asarray(want))
+  # The kept positions, written per block from the counts, are top's list (the window
+  # excluded), in the same order.
+  args = (scores, length, threshold, need, ties_before, kept_before, SINKS, LOCAL, 60, 128)
+  count = np.asarray(valid).sum(-1)
+  for positions in (kp.kept_positions_reference(*args),
+                    kp.kept_positions_kernel(*args, interpret=True)):
+    for b, h in np.ndindex(count.shape):
+      np.testing.assert_array_equal(np.asarray(positions)[b, h, :count[b, h]],
+                                    np.asarray(top)[b, h, :count[b, h]])
 
 
 def kept_by_plan(scores, length, threshold, need):

@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
+from pallas_kernels import kept_positions as kp
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
@@ -98,3 +99,12 @@ def test_score_histogram_lowers_to_a_matrix_product(as_gpu, capsys):
       s, n, -1, 4, 16, sh.BlockSizes(block=256)), jnp.zeros((1, 2, 1000), jnp.int32),
       jnp.array([1000], jnp.int32))
   assert "tt.dot" in text and masked(text, "tt.load") >= 1
+
+
+def test_kept_positions_lowers_to_a_prefix_sum_and_a_scattered_store(as_gpu, capsys):
+  blocks = jnp.zeros((1, 2, 4), jnp.int32)
+  text = triton_module(capsys, lambda s, n, t, need, tb, kb: kp.kept_positions_kernel(
+      s, n, t, need, tb, kb, sinks=4, local=16, size=64, block=256),
+      jnp.zeros((1, 2, 1000), jnp.int32), jnp.array([1000], jnp.int32),
+      jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), blocks, blocks)
+  assert "tt.scan" in text and "tt.store" in text

@@ -1,0 +1,96 @@
+"""The positions a counting selection keeps, written in ascending order without a sort.
+
+With the threshold ``t``, the ties ``need`` to keep and, per block of ``block`` tokens, the
+ties before it and the kept tokens before it (all from ``score_histogram``'s counts,
+``sparse_attn.selection.counting_plan``), each block writes its kept positions straight to
+their slots: block ``j``'s ``i``-th kept token goes to slot ``kept_before[j] + i``. A token
+is kept when it is eligible (``sinks <= position < length - local``) and scores above
+``t``, or scores ``t`` and fewer than ``need`` eligible ties precede it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend
+from pallas_kernels.score_histogram import eligible_mask
+
+
+def kept_positions_reference(scores, length, threshold, need, ties_before, kept_before,
+                             sinks: int, local: int, size: int, block: int):
+  """The jnp twin.
+
+  Args:
+    scores: ``int32 [B, H, S]``; length: ``int32 [B]``.
+    threshold, need: ``int32 [B, H]``.
+    ties_before, kept_before: ``int32 [B, H, ceil(S / block)]``.
+    sinks, local, size, block: static; ``size`` bounds the kept count.
+
+  Returns:
+    ``int32 [B, H, size]``: the kept positions ascending; the slots past the kept count are
+    unspecified (0 here, whatever the kernel's buffer held there).
+  """
+  capacity = scores.shape[-1]
+  positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+  eligible = eligible_mask(positions, length[:, None, None], sinks, local)
+  tie = eligible & (scores == threshold[..., None])
+  blocks = jnp.repeat(jnp.arange(ties_before.shape[-1]), block)[:capacity]
+  in_block = lambda x: jnp.cumsum(x.reshape(x.shape[:2] + (-1, block)), -1).reshape(  # noqa: E731
+      x.shape[:2] + (-1,))
+  padded = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, -capacity % block)])  # noqa: E731
+  tie_rank = ties_before[..., blocks] + in_block(padded(tie.astype(jnp.int32)))[..., :capacity]
+  kept = eligible & ((scores > threshold[..., None]) | (tie & (tie_rank <= need[..., None])))
+  rank = kept_before[..., blocks] + in_block(padded(kept.astype(jnp.int32)))[..., :capacity]
+  slot = jnp.where(kept, rank - 1, size)
+  out = jnp.zeros(scores.shape[:2] + (size + 1,), jnp.int32)
+  out = jax.vmap(jax.vmap(lambda o, s, p: o.at[s].set(p)))(
+      out, slot, jnp.broadcast_to(positions, scores.shape))
+  return out[..., :size]
+
+
+def _kernel(len_ref, t_ref, need_ref, ties_ref, kept_ref, s_ref, o_ref, *, block, size, sinks,
+            local, capacity, masked):
+  # len_ref: [1]; t_ref, need_ref: [1, 1]; ties_ref, kept_ref: [1, 1, 1] (this block's);
+  # s_ref: [1, 1, block] int32; o_ref: [1, 1, size + 1] int32 (slot ``size`` takes the
+  # tokens not kept: one store per token, no mask)
+  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
+  inside = positions < capacity
+  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked)
+  eligible = inside & eligible_mask(positions, len_ref[0], sinks, local)
+  threshold = t_ref[0, 0]
+  tie = eligible & (s == threshold)
+  tie_rank = ties_ref[0, 0, 0] + jnp.cumsum(tie.astype(jnp.int32))  # 1-based
+  kept = eligible & ((s > threshold) | (tie & (tie_rank <= need_ref[0, 0])))
+  rank = kept_ref[0, 0, 0] + jnp.cumsum(kept.astype(jnp.int32))
+  o_ref[0, 0, jnp.where(kept, rank - 1, size)] = positions
+
+
+@functools.partial(jax.jit, static_argnames=["sinks", "local", "size", "block", "interpret"])
+def kept_positions_kernel(scores, length, threshold, need, ties_before, kept_before,
+                          sinks: int, local: int, size: int, block: int,
+                          interpret: bool | None = None):
+  """The Pallas kernel: grid over (batch, head, token block); same contract as the
+  reference."""
+  batch, heads, capacity = scores.shape
+  blocks = ties_before.shape[-1]
+  out = backend.pallas_call(
+      functools.partial(_kernel, block=block, size=size, sinks=sinks, local=local,
+                        capacity=capacity, masked=backend.masks_edges(interpret)),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, size + 1), jnp.int32),
+      grid=(batch, heads, blocks),
+      in_specs=[pl.BlockSpec((1,), lambda b, h, j: (b,)),
+                pl.BlockSpec((1, 1), lambda b, h, j: (b, h)),
+                pl.BlockSpec((1, 1), lambda b, h, j: (b, h)),
+                pl.BlockSpec((1, 1, 1), lambda b, h, j: (b, h, j)),
+                pl.BlockSpec((1, 1, 1), lambda b, h, j: (b, h, j)),
+                pl.BlockSpec((1, 1, block), lambda b, h, j: (b, h, j))],
+      out_specs=pl.BlockSpec((1, 1, size + 1), lambda b, h, j: (b, h, 0)),
+      interpret=interpret, name="kept_positions")(
+          length.astype(jnp.int32), threshold.astype(jnp.int32), need.astype(jnp.int32),
+          ties_before.astype(jnp.int32), kept_before.astype(jnp.int32),
+          scores.astype(jnp.int32))
+  return out[..., :size]
