@@ -133,7 +133,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capac
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     s = query_scores(q, k, scale)  # [R, block]
     valid = ((positions >= start) & (positions < begin + n_valid))[None, :]
-    bad = bad | jnp.any(valid & ~jnp.isfinite(s), axis=1)  # a NaN or inf key: NaN head
+    # A NaN or inf key makes its head NaN (an int max: Triton lowers no boolean reduction).
+    bad = jnp.maximum(bad, jnp.max(jnp.where(valid & ~jnp.isfinite(s), 1, 0), axis=1))
     s = jnp.where(valid & jnp.isfinite(s), s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     shift = jnp.where(m_new > -jnp.inf, m_new, 0.0)
@@ -145,11 +146,11 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split, capac
             acc * rescale[:, None] + weighted_values(p, v), bad)
 
   init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-          jnp.zeros((rows, head_dim), jnp.float32), jnp.zeros((rows,), jnp.bool_))
+          jnp.zeros((rows, head_dim), jnp.float32), jnp.zeros((rows,), jnp.int32))
   m, l, acc, bad = jax.lax.fori_loop(0, pl.cdiv(n_valid, block), body, init)
   safe = jnp.where(l > 0, l, 1.0)
-  o_ref[0, 0, 0] = jnp.where(bad[:, None], jnp.nan, acc / safe[:, None])
-  lse_ref[0, 0, 0] = jnp.where(bad, jnp.nan, jnp.where(l > 0, m + jnp.log(safe), -jnp.inf))
+  o_ref[0, 0, 0] = jnp.where(bad[:, None] > 0, jnp.nan, acc / safe[:, None])
+  lse_ref[0, 0, 0] = jnp.where(bad > 0, jnp.nan, jnp.where(l > 0, m + jnp.log(safe), -jnp.inf))
 
 
 @functools.partial(jax.jit, static_argnames=["block_sizes", "interpret"])
