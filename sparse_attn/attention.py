@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import sparse_decode_attention
 from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, keep_index, no_index
+from sparse_attn.types import within_capacity
 
 # float32 products stay float32 on every backend (GPUs would otherwise use TF32, whose
 # 10-bit mantissa alone costs ~1e-3 relative error). Decode attention is memory-bound,
@@ -140,20 +141,28 @@ def combine_lse(outs: Sequence[jax.Array],
 
 
 def valid_counts(cache: KVCache, num_q_heads: int) -> jax.Array:
-  """``float32 [B, Hq]``: the number of valid tokens, per query head."""
-  n = cache.length.astype(jnp.float32)[:, None]
+  """``float32 [B, Hq]``: the number of valid tokens (at most ``S``), per query head."""
+  n = jnp.clip(cache.length, 0, cache.keys.shape[2]).astype(jnp.float32)[:, None]
   return jnp.broadcast_to(n, (n.shape[0], num_q_heads))
 
 
 def make_result(q: jax.Array, out: jax.Array, lse: jax.Array, selected: jax.Array,
-                cache: KVCache, **stats: jax.Array) -> AttentionResult:
-  """Assembles an ``AttentionResult`` from grouped ``[B, Hkv, G, ...]`` arrays."""
+                cache: KVCache, over_capacity: jax.Array | None = None,
+                **stats: jax.Array) -> AttentionResult:
+  """Assembles an ``AttentionResult`` from grouped ``[B, Hkv, G, ...]`` arrays.
+
+  ``stats["over_capacity"]`` (bool) is ``over_capacity [B]`` (from ``within_capacity``) or,
+  if None, ``cache.length > S``.
+  """
   batch, num_q_heads, head_dim = q.shape
   selected = selected.reshape(batch, num_q_heads).astype(jnp.float32)
   valid = valid_counts(cache, num_q_heads)
   density = selected / jnp.maximum(valid, 1.0)
+  if over_capacity is None:
+    over_capacity = cache.length > cache.keys.shape[2]
   stats = {k: v.reshape(batch, num_q_heads) for k, v in stats.items()}
-  stats.update(selected=selected, valid=valid)
+  stats.update(selected=selected, valid=valid, over_capacity=jnp.broadcast_to(
+      over_capacity[:, None], (batch, num_q_heads)))
   return AttentionResult(
       out=out.reshape(batch, num_q_heads, head_dim).astype(q.dtype),
       lse=lse.reshape(batch, num_q_heads),
@@ -177,6 +186,7 @@ def dense_attention(q: jax.Array, cache: KVCache) -> AttentionResult:
 
 @jax.jit
 def _dense_attention(q: jax.Array, cache: KVCache) -> AttentionResult:
+  cache, over = within_capacity(cache)
   keys, values, length = cache
   qg = group_queries(q, keys.shape[1])
   scores = row_scores(qg, keys)
@@ -184,7 +194,7 @@ def _dense_attention(q: jax.Array, cache: KVCache) -> AttentionResult:
   mask = (positions[None, :] < length[:, None])[:, None, None, :]
   out, lse = softmax_attend(scores, mask, values)
   selected = jnp.broadcast_to(length.astype(jnp.float32)[:, None, None], lse.shape)
-  return make_result(q, out, lse, selected, cache)
+  return make_result(q, out, lse, selected, cache, over)
 
 
 def merge(results: Sequence[AttentionResult]) -> AttentionResult:

@@ -53,21 +53,30 @@ def append_rows(stored: tuple[jax.Array, ...], length: jax.Array, cache: KVCache
       to the capacity); recomputing them is harmless, as ``derive`` is deterministic.
 
   Returns:
-    ``(stored, length)`` with ``length = max(length, cache.length)``.
+    ``(stored, length)`` with ``length = max(length, min(cache.length, S))``.
   """
   capacity = cache.keys.shape[2]
   chunk = min(chunk, capacity)
   slice_rows = jax.vmap(lambda k, s: jax.lax.dynamic_slice_in_dim(k, s, chunk, axis=1))
   write = jax.vmap(lambda a, x, s: jax.lax.dynamic_update_slice_in_dim(a, x, s, axis=1))
+  # Tokens past the capacity can never be derived: the target is clamped to S (a traced
+  # length > S would otherwise loop forever), and the trip count is bounded statically.
+  target = jnp.clip(cache.length, 0, capacity)
+  max_steps = -(-capacity // chunk) + 1
 
   def step(carry):
-    arrays, done = carry
+    arrays, done, steps = carry
     start = jnp.clip(done, 0, capacity - chunk)
     new = derive(slice_rows(cache.keys, start))
     arrays = tuple(write(a, x.astype(a.dtype), start) for a, x in zip(arrays, new))
-    return arrays, jnp.maximum(done, jnp.minimum(start + chunk, cache.length))
+    return arrays, jnp.maximum(done, jnp.minimum(start + chunk, target)), steps + 1
 
-  return jax.lax.while_loop(lambda c: jnp.any(c[1] < cache.length), step, (stored, length))
+  def pending(carry):
+    _, done, steps = carry
+    return jnp.any(done < target) & (steps < max_steps)
+
+  arrays, done, _ = jax.lax.while_loop(pending, step, (stored, length, jnp.int32(0)))
+  return arrays, done
 
 
 def derive_all(stored: tuple[jax.Array, ...], cache: KVCache,

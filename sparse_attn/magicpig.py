@@ -39,6 +39,7 @@ from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queri
 from sparse_attn.attention import make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
+from sparse_attn.types import within_capacity
 
 
 class MagicPigIndex(NamedTuple):
@@ -141,6 +142,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
 
   @jax.jit
   def _init(cache, key):
+    cache, _ = within_capacity(cache)
     keys, _, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
     index_planes = lsh.planes(key, head_dim, K, L, num_kv_heads if planes_per_head else None)
@@ -214,6 +216,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
 
   @jax.jit
   def _attend(q, cache, index):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
     num_selected = max(1, math.ceil(max_selected * capacity))
@@ -251,7 +254,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     residual_end = jnp.maximum(length - local, sinks)
     unindexed = jnp.maximum(residual_end - jnp.maximum(hashed, sinks), 0).astype(jnp.float32)
     return make_result(
-        q, out, lse, exact + sampled, cache, sampled=sampled,
+        q, out, lse, exact + sampled, cache, over, sampled=sampled,
         bucket_overflow=dropped.astype(jnp.float32),
         selected_overflow=overflow.astype(jnp.float32),
         unindexed=jnp.broadcast_to(unindexed[:, None, None], sampled.shape))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from sparse_attn import hash_heads, key_index, lsh
 from sparse_attn.attention import row_scores
-from sparse_attn.types import KVCache, check_key
+from sparse_attn.types import KVCache, check_key, within_capacity
 
 NAMES = ("oracle", "simhash", "spotlight")
 
@@ -145,6 +145,7 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
 
   @jax.jit
   def _init(cache, key):
+    cache, _ = within_capacity(cache)
     batch, num_kv, capacity, head_dim = cache.keys.shape
     planes = lsh.planes(key, head_dim, 32, words)
     key_mean = key_index.residual_key_mean(cache, sinks, local)
@@ -185,6 +186,7 @@ def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Pred
 
   @jax.jit
   def _init(params, cache):
+    cache, _ = within_capacity(cache)
     batch, num_kv, capacity, head_dim = cache.keys.shape
     state = SpotlightState(params, jnp.zeros((batch, num_kv, capacity, -(-head_dim // 32)),
                                              jnp.uint32), cache.length,

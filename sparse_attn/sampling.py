@@ -17,6 +17,7 @@ from sparse_attn import selection
 from sparse_attn.attention import attend_rows, combine_lse, make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_key, check_query, keep_index, no_index
+from sparse_attn.types import within_capacity
 
 
 def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
@@ -42,6 +43,7 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
 
   @jax.jit
   def _attend(q, cache, key):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     batch, num_kv_heads, capacity, _ = keys.shape
     size = min(capacity, math.ceil(rate * capacity + 6 * math.sqrt(rate * capacity) + 16))
@@ -54,7 +56,7 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
     sampled = jnp.broadcast_to(jnp.sum(sel_mask, -1)[:, :, None], lse.shape).astype(jnp.float32)
-    return make_result(q, out, lse, exact + sampled, cache, sampled=sampled,
+    return make_result(q, out, lse, exact + sampled, cache, over, sampled=sampled,
                        selected_overflow=jnp.broadcast_to(overflow[:, :, None], lse.shape)
                        .astype(jnp.float32))
 

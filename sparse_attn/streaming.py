@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from sparse_attn.attention import gather_rows, group_queries, make_result, row_scores
 from sparse_attn.attention import softmax_attend
 from sparse_attn.types import Estimator, KVCache, check_query, keep_index, no_index
+from sparse_attn.types import within_capacity
 
 
 def check_window(sinks: int, local: int) -> None:
@@ -97,7 +98,8 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
 
   @jax.jit
   def _attend(q, cache):
+    cache, over = within_capacity(cache)
     out, lse, count = exact_part(q, cache, sinks, local)
-    return make_result(q, out, lse, jnp.broadcast_to(count, lse.shape), cache)
+    return make_result(q, out, lse, jnp.broadcast_to(count, lse.shape), cache, over)
 
   return Estimator(no_index, keep_index, attend)

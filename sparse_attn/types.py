@@ -62,9 +62,11 @@ class Estimator(NamedTuple):
   attend: Callable[[jax.Array, KVCache, Any, jax.Array], AttentionResult]
 
 
-def no_index(cache: KVCache, key: jax.Array) -> tuple[()]:
-  """``init`` of an estimator that keeps no index (dense, streaming, the oracles)."""
-  del cache, key
+def no_index(cache: KVCache, key: jax.Array | None = None) -> tuple[()]:
+  """``init`` of an estimator that keeps no index (dense, streaming, the oracles): checks
+  ``cache`` like every ``init``, draws nothing."""
+  del key
+  check_cache(cache)
   return ()
 
 
@@ -111,6 +113,19 @@ def check_cache(cache: KVCache, name: str = "cache") -> None:
       raise ValueError(
           f"{name}.length must lie in [1, S={capacity}] for every batch row (an empty cache "
           f"has nothing to attend to), got {lengths.tolist()}")
+
+
+def within_capacity(cache: KVCache) -> tuple[KVCache, jax.Array]:
+  """``(cache, over)``: ``cache`` with ``length`` clamped to ``[0, S]``, and ``bool [B]``, True
+  where a row's ``length`` exceeded the capacity ``S``.
+
+  What every estimator does with a traced ``length > S`` (eagerly, ``check_cache`` raises):
+  it attends over the ``S`` stored tokens and reports ``stats["over_capacity"]``, rather than
+  read past the cache or loop for tokens that can never arrive.
+  """
+  capacity = cache.keys.shape[2]
+  over = cache.length > capacity
+  return cache._replace(length=jnp.clip(cache.length, 0, capacity).astype(cache.length.dtype)), over
 
 
 def check_query(q: jax.Array, cache: KVCache, name: str = "q") -> int:

@@ -77,7 +77,7 @@ from sparse_attn import importance, predictors, selection, split_policy
 from sparse_attn.attention import attend_rows, combine_lse, gather_rows, group_queries
 from sparse_attn.attention import make_result, row_scores
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.types import Estimator, check_cache, check_key, check_query
+from sparse_attn.types import Estimator, check_cache, check_key, check_query, within_capacity
 
 GUARANTEES = ("denominator", "numerator", "output")
 
@@ -274,6 +274,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
 
   @jax.jit
   def _attend(q, cache, index, key):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     capacity = keys.shape[2]
     qg, scores, residual = scored(q, cache, index)
@@ -328,12 +329,13 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     read = exact + b_used + m0.astype(jnp.float32) - overlap(base_pos, base_mask, final_pos,
                                                              final_mask, capacity)
     return make_result(
-        q, out, lse, exact + b_used, cache, topk=top_count, residual=n_sf,
+        q, out, lse, exact + b_used, cache, over, topk=top_count, residual=n_sf,
         base=m0.astype(jnp.float32), budget=b_used, budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys))
 
   @jax.jit
   def _attend_importance(q, cache, index, key):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     capacity, head_dim = keys.shape[2:]
     qg, scores, residual = scored(q, cache, index)
@@ -402,7 +404,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     read = exact_count + taken + m0.astype(jnp.float32) - overlap(base_pos, base_mask, pos, mask,
                                                                          capacity)
     return make_result(
-        q, out, lse, exact_count + taken, cache, topk=top, residual=n_sf,
+        q, out, lse, exact_count + taken, cache, over, topk=top, residual=n_sf,
         base=m0.astype(jnp.float32), budget=taken - top,
         budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys),

@@ -1,0 +1,134 @@
+"""Every estimator at the edges, under jit as eagerly (issue 20)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparse_attn as sa
+from sparse_attn import hash_heads, synthetic
+from tests import reference as ref
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CAPACITY = 256
+PARAMS = hash_heads.init_params(jax.random.PRNGKey(3), 2, 32)
+
+# name -> (factory, whether attend needs a PRNG key); small caps and windows: S = 256.
+ESTIMATORS = {
+    "dense": (sa.dense, False),
+    "streaming": (lambda: sa.streaming(4, 16), False),
+    "topk": (lambda: sa.topk(fraction=0.05, sinks=4, local=16), False),
+    "topk simhash": (lambda: sa.topk(fraction=0.05, sinks=4, local=16, predictor="simhash"),
+                     False),
+    "topp": (lambda: sa.topp(0.9), False),
+    "spotlight": (lambda: sa.spotlight(PARAMS), False),
+    "uniform": (lambda: sa.uniform(0.1, sinks=4, local=16), True),
+    "magicpig": (lambda: sa.magicpig(K=6, L=20, sinks=4, local=16), False),
+    "vattention": (lambda: sa.vattention(0.1, 0.1, sinks=4, local=16, min_base=16), True),
+    "vattention simhash": (lambda: sa.vattention(0.1, 0.1, sinks=4, local=16, min_base=16,
+                                                 proposal="simhash", bits=128), True),
+}
+
+
+def problem(lengths=(CAPACITY, 50, 100), seed=0):
+  return synthetic.llm_like(jax.random.PRNGKey(seed), batch=len(lengths), num_kv_heads=2,
+                            group=2, capacity=CAPACITY, head_dim=32,
+                            length=jnp.array(lengths, jnp.int32), query_scale=0.7)
+
+
+def run(name, q, cache, index_cache=None, jit=True):
+  """``(index, result)`` of estimator ``name``; init on ``index_cache`` (default ``cache``)."""
+  make, needs_key = ESTIMATORS[name]
+  est = make()
+  init = jax.jit(est.init) if jit else est.init
+  attend = jax.jit(est.attend) if jit else est.attend
+  index = init(cache if index_cache is None else index_cache, jax.random.PRNGKey(1))
+  key = jax.random.PRNGKey(2) if needs_key else None
+  return index, attend(q, cache, index, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Past the capacity.
+
+HANG_SCRIPT = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp
+    import sparse_attn as sa
+    from sparse_attn import synthetic
+    # The issue's reproduction: S = 1024, length 1025 in one row, under jit.
+    q, cache = synthetic.llm_like(jax.random.PRNGKey(0), batch=2, num_kv_heads=2, group=2,
+                                  capacity=1024, head_dim=64)
+    key = jax.random.PRNGKey(3)
+    over = cache._replace(length=jnp.array([1025, 600], jnp.int32))
+    out = {}
+    est = sa.spotlight(sa.hash_heads.init_params(key, 2, 64))
+    out["spotlight init"] = jax.jit(est.init)(over, key).length.tolist()
+    index = jax.jit(est.init)(cache._replace(length=jnp.array([1020, 600], jnp.int32)), key)
+    out["spotlight append"] = jax.jit(est.append)(index, over).length.tolist()
+    est = sa.magicpig(K=8, L=20)
+    out["magicpig init"] = jax.jit(est.init)(over, key).length.tolist()
+    index = jax.jit(est.init)(cache._replace(length=jnp.array([1020, 600], jnp.int32)), key)
+    index = jax.jit(est.append)(index, over)
+    out["magicpig append"] = index.length.tolist()
+    res = jax.jit(est.attend)(q, over, index, None)
+    out["magicpig over"] = res.stats["over_capacity"][:, 0].tolist()
+    print(json.dumps(out))
+""")
+
+
+def test_length_past_capacity_under_jit_terminates():
+  # In a subprocess with a timeout, so that a regression fails instead of hanging the suite.
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  done = subprocess.run([sys.executable, "-c", HANG_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  for name in ("spotlight init", "spotlight append", "magicpig init", "magicpig append"):
+    assert out[name] == [1024, 600], (name, out)
+  assert out["magicpig over"] == [True, False]
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_length_past_capacity_is_clamped_and_flagged_under_jit(name):
+  q, cache = problem()
+  over = cache._replace(length=jnp.array([CAPACITY + 5, 50, 100], jnp.int32))
+  _, res = run(name, q, over)
+  _, at_capacity = run(name, q, cache._replace(length=jnp.array([CAPACITY, 50, 100], jnp.int32)))
+  np.testing.assert_array_equal(np.asarray(res.stats["over_capacity"]),
+                                [[True] * 4, [False] * 4, [False] * 4])
+  assert not np.asarray(at_capacity.stats["over_capacity"]).any()
+  # Clamped to S: the same estimate as at length S (the same keys and index).
+  np.testing.assert_array_equal(np.asarray(res.out), np.asarray(at_capacity.out))
+  np.testing.assert_array_equal(np.asarray(res.lse), np.asarray(at_capacity.lse))
+  np.testing.assert_array_equal(np.asarray(res.stats["valid"][:, 0]), [CAPACITY, 50, 100])
+
+
+@pytest.mark.parametrize("name", ["dense", "magicpig", "spotlight", "vattention"])
+def test_length_past_capacity_raises_eagerly_naming_cache_length(name):
+  q, cache = problem()
+  over = cache._replace(length=jnp.array([CAPACITY + 1, 50, 100], jnp.int32))
+  make, needs_key = ESTIMATORS[name]
+  est = make()
+  with pytest.raises(ValueError, match=r"cache\.length.*S=256"):
+    est.init(over, jax.random.PRNGKey(1))
+  index = est.init(cache, jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match=r"cache\.length.*S=256"):
+    est.attend(q, over, index, jax.random.PRNGKey(2) if needs_key else None)
+
+
+def test_merge_ors_over_capacity():
+  q, cache = problem()
+  over = cache._replace(length=jnp.array([CAPACITY + 5, 50, 100], jnp.int32))
+  parts = jax.jit(lambda q, a, b: sa.merge([sa.dense_attention(q, a),
+                                            sa.dense_attention(q, b)]))(q, cache, over)
+  np.testing.assert_array_equal(np.asarray(parts.stats["over_capacity"][:, 0]),
+                                [True, False, False])
+
+
