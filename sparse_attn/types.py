@@ -109,10 +109,10 @@ def check_cache(cache: KVCache, name: str = "cache") -> None:
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     lengths = None
   if lengths is not None:
-    if lengths.min() <= 0 or lengths.max() > capacity:
+    if lengths.min() < 0 or lengths.max() > capacity:
       raise ValueError(
-          f"{name}.length must lie in [1, S={capacity}] for every batch row (an empty cache "
-          f"has nothing to attend to), got {lengths.tolist()}")
+          f"{name}.length must lie in [0, S={capacity}] for every batch row (0: an empty row, "
+          f"valid), got {lengths.tolist()}")
 
 
 def within_capacity(cache: KVCache) -> tuple[KVCache, jax.Array]:

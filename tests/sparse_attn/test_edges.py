@@ -1,4 +1,5 @@
-"""Every estimator at the edges, under jit as eagerly (issue 20)."""
+"""Every estimator at the edges, under jit as eagerly: past the capacity, empty rows,
+non-finite keys (issue 20)."""
 
 import json
 import os
@@ -37,7 +38,7 @@ ESTIMATORS = {
 }
 
 
-def problem(lengths=(CAPACITY, 50, 100), seed=0):
+def problem(lengths=(CAPACITY, 0, 100), seed=0):
   return synthetic.llm_like(jax.random.PRNGKey(seed), batch=len(lengths), num_kv_heads=2,
                             group=2, capacity=CAPACITY, head_dim=32,
                             length=jnp.array(lengths, jnp.int32), query_scale=0.7)
@@ -95,25 +96,52 @@ def test_length_past_capacity_under_jit_terminates():
   assert out["magicpig over"] == [True, False]
 
 
+def assert_empty_rows(res, empty):
+  """Rows ``empty`` (bool [B]): out 0, lse -inf, density 0; nothing NaN anywhere."""
+  out, lse, density = (np.asarray(x, np.float32) for x in (res.out, res.lse, res.density))
+  assert not np.isnan(out).any() and not np.isnan(lse).any() and not np.isnan(density).any()
+  for name, x in res.stats.items():
+    assert not np.isnan(np.asarray(x, np.float32)).any(), name
+  np.testing.assert_array_equal(out[empty], 0.0)
+  np.testing.assert_array_equal(lse[empty], -np.inf)
+  np.testing.assert_array_equal(density[empty], 0.0)
+  np.testing.assert_array_equal(np.asarray(res.stats["selected"])[empty], 0.0)
+  np.testing.assert_array_equal(np.asarray(res.stats["valid"])[empty], 0.0)
+  assert np.isfinite(lse[~empty]).all() and (density[~empty] > 0).all()
+
+
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
-def test_length_past_capacity_is_clamped_and_flagged_under_jit(name):
+def test_past_capacity_and_empty_rows_under_jit_and_eagerly(name):
+  # One batch for both edges (each compile is shared): row 0 past the capacity under jit,
+  # row 1 empty, row 2 ordinary.
   q, cache = problem()
-  over = cache._replace(length=jnp.array([CAPACITY + 5, 50, 100], jnp.int32))
+  over = cache._replace(length=jnp.array([CAPACITY + 5, 0, 100], jnp.int32))
   _, res = run(name, q, over)
-  _, at_capacity = run(name, q, cache._replace(length=jnp.array([CAPACITY, 50, 100], jnp.int32)))
   np.testing.assert_array_equal(np.asarray(res.stats["over_capacity"]),
                                 [[True] * 4, [False] * 4, [False] * 4])
-  assert not np.asarray(at_capacity.stats["over_capacity"]).any()
-  # Clamped to S: the same estimate as at length S (the same keys and index).
-  np.testing.assert_array_equal(np.asarray(res.out), np.asarray(at_capacity.out))
-  np.testing.assert_array_equal(np.asarray(res.lse), np.asarray(at_capacity.lse))
-  np.testing.assert_array_equal(np.asarray(res.stats["valid"][:, 0]), [CAPACITY, 50, 100])
+  assert_empty_rows(res, np.array([False, True, False]))
+  # Eagerly at length S: valid, the empty row too; past the capacity, the same estimate as
+  # at length S (the same keys and index), to float rounding (jit may fuse differently).
+  index, eager = run(name, q, cache, jit=False)
+  assert not np.asarray(eager.stats["over_capacity"]).any()
+  assert_empty_rows(eager, np.array([False, True, False]))
+  np.testing.assert_allclose(np.asarray(res.out), np.asarray(eager.out), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(res.lse), np.asarray(eager.lse), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(res.stats["valid"][:, 0]), [CAPACITY, 0, 100])
+  # An empty row that starts filling (a freed slot reused): append, then attend.
+  make, needs_key = ESTIMATORS[name]
+  est = make()
+  grown = cache._replace(length=jnp.array([CAPACITY, 30, 100], jnp.int32))
+  res = est.attend(q, grown, est.append(index, grown), jax.random.PRNGKey(2) if needs_key
+                   else None)
+  assert np.isfinite(np.asarray(res.lse)).all() and (np.asarray(res.density) > 0).all()
+  np.testing.assert_array_equal(np.asarray(res.stats["valid"][:, 0]), [CAPACITY, 30, 100])
 
 
 @pytest.mark.parametrize("name", ["dense", "magicpig", "spotlight", "vattention"])
 def test_length_past_capacity_raises_eagerly_naming_cache_length(name):
   q, cache = problem()
-  over = cache._replace(length=jnp.array([CAPACITY + 1, 50, 100], jnp.int32))
+  over = cache._replace(length=jnp.array([CAPACITY + 1, 0, 100], jnp.int32))
   make, needs_key = ESTIMATORS[name]
   est = make()
   with pytest.raises(ValueError, match=r"cache\.length.*S=256"):
@@ -125,10 +153,32 @@ def test_length_past_capacity_raises_eagerly_naming_cache_length(name):
 
 def test_merge_ors_over_capacity():
   q, cache = problem()
-  over = cache._replace(length=jnp.array([CAPACITY + 5, 50, 100], jnp.int32))
+  over = cache._replace(length=jnp.array([CAPACITY + 5, 0, 100], jnp.int32))
   parts = jax.jit(lambda q, a, b: sa.merge([sa.dense_attention(q, a),
                                             sa.dense_attention(q, b)]))(q, cache, over)
   np.testing.assert_array_equal(np.asarray(parts.stats["over_capacity"][:, 0]),
                                 [True, False, False])
 
 
+# ---------------------------------------------------------------------------------------------
+# Empty rows in merge.
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_merge_of_empty_parts(jit):
+  q, cache = problem()
+  empty = cache._replace(length=jnp.zeros_like(cache.length))
+  fn = lambda q, a, b: sa.merge([sa.dense_attention(q, a), sa.dense_attention(q, b)])
+  res = (jax.jit(fn) if jit else fn)(q, cache, empty)
+  assert_empty_rows(res, np.array([False, True, False]))
+  whole = sa.dense_attention(q, cache)
+  np.testing.assert_allclose(np.asarray(res.out), np.asarray(whole.out), rtol=1e-6, atol=1e-7)
+  both = (jax.jit(fn) if jit else fn)(q, empty, empty)
+  out, lse = np.asarray(both.out), np.asarray(both.lse)
+  assert (out == 0).all() and (lse == -np.inf).all() and (np.asarray(both.density) == 0).all()
+
+
+def test_negative_length_raises_eagerly_naming_cache_length():
+  q, cache = problem()
+  with pytest.raises(ValueError, match=r"cache\.length must lie in \[0, S=256\]"):
+    sa.dense_attention(q, cache._replace(length=jnp.array([-1, 5, 0], jnp.int32)))
