@@ -146,15 +146,29 @@ def valid_counts(cache: KVCache, num_q_heads: int) -> jax.Array:
   return jnp.broadcast_to(n, (n.shape[0], num_q_heads))
 
 
+def nan_together(out: jax.Array, lse: jax.Array,
+                 nonfinite: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(out [..., D], lse [...])`` with both NaN wherever either is not a valid result (a NaN
+  or inf in ``out``, a NaN or ``+inf`` ``lse``) or ``nonfinite`` (bool, broadcastable to
+  ``lse``) is True. Never changes a result of finite inputs."""
+  bad = jnp.isnan(lse) | (lse == jnp.inf) | jnp.any(~jnp.isfinite(out), axis=-1)
+  if nonfinite is not None:
+    bad = bad | nonfinite
+  return jnp.where(bad[..., None], jnp.nan, out), jnp.where(bad, jnp.nan, lse)
+
+
 def make_result(q: jax.Array, out: jax.Array, lse: jax.Array, selected: jax.Array,
                 cache: KVCache, over_capacity: jax.Array | None = None,
-                **stats: jax.Array) -> AttentionResult:
+                nonfinite: jax.Array | None = None, **stats: jax.Array) -> AttentionResult:
   """Assembles an ``AttentionResult`` from grouped ``[B, Hkv, G, ...]`` arrays.
 
   ``stats["over_capacity"]`` (bool) is ``over_capacity [B]`` (from ``within_capacity``) or,
-  if None, ``cache.length > S``.
+  if None, ``cache.length > S``. ``nonfinite`` (bool, broadcastable to ``lse``): heads whose
+  valid tokens include a non-finite key; their ``out`` and ``lse`` become NaN, as do those of
+  any head whose ``out`` or ``lse`` already is (``nan_together``).
   """
   batch, num_q_heads, head_dim = q.shape
+  out, lse = nan_together(out, lse, nonfinite)
   selected = selected.reshape(batch, num_q_heads).astype(jnp.float32)
   valid = valid_counts(cache, num_q_heads)
   density = selected / jnp.maximum(valid, 1.0)
@@ -194,7 +208,8 @@ def _dense_attention(q: jax.Array, cache: KVCache) -> AttentionResult:
   mask = (positions[None, :] < length[:, None])[:, None, None, :]
   out, lse = softmax_attend(scores, mask, values)
   selected = jnp.broadcast_to(length.astype(jnp.float32)[:, None, None], lse.shape)
-  return make_result(q, out, lse, selected, cache, over)
+  nonfinite = jnp.any(mask & ~jnp.isfinite(scores), axis=-1)  # a NaN or inf key
+  return make_result(q, out, lse, selected, cache, over, nonfinite)
 
 
 def merge(results: Sequence[AttentionResult]) -> AttentionResult:
@@ -226,6 +241,7 @@ def merge(results: Sequence[AttentionResult]) -> AttentionResult:
       if needed not in r.stats:
         raise ValueError(f"results[{i}].stats lacks '{needed}', needed to merge density")
   out, merged_lse = combine_lse([r.out for r in results], [r.lse for r in results])
+  out, merged_lse = nan_together(out, merged_lse)  # a NaN part makes the whole NaN
   out = out.astype(results[0].out.dtype)
   common = set(results[0].stats).intersection(*(r.stats for r in results[1:]))
   stats = {}

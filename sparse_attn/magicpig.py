@@ -22,6 +22,12 @@ Static capacities and what happens at them (never silently):
 ``max_candidates`` bucket entries per query (``stats["bucket_overflow"]`` counts the entries
 dropped) and ``max_selected`` sampled tokens per query (``stats["selected_overflow"]``).
 Both are zero in normal operation; non-zero means the estimate is biased low, so raise them.
+
+Non-finite keys: the centring mean is taken over the finite keys only (one NaN key must not
+switch the sampling of its whole head off), and a valid hashed token whose key has a NaN or
+inf entry makes ``out`` and ``lse`` NaN for every query head of its KV head, whether it was
+sampled or not (recorded when it is hashed, ``first_nonfinite``: no pass over the keys at
+``attend``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class MagicPigIndex(NamedTuple):
       ``[sinks, table_length)``.
     table_length: ``int32 [B]``, tokens covered by the tables.
     length: ``int32 [B]``, tokens whose codes are in ``codes``.
+    first_nonfinite: ``int32 [B, Hkv]``, the first hashed token whose key has a NaN or inf
+      entry (``S`` if none): ``attend`` returns NaN for that KV head (module docstring).
   """
 
   planes: jax.Array
@@ -66,6 +74,7 @@ class MagicPigIndex(NamedTuple):
   tables: hash_tables.HashTables
   table_length: jax.Array
   length: jax.Array
+  first_nonfinite: jax.Array
 
 
 def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
@@ -154,10 +163,10 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     # (25 GB at B=8, 64K tokens, K*L=1500).
     empty = (jnp.zeros((batch, num_kv_heads, capacity, L), jnp.uint16),
              jnp.zeros((batch, num_kv_heads, capacity), jnp.float32))
-    codes, norms = key_index.derive_all(
+    (codes, norms), first = key_index.derive_all(
         empty, cache, lambda rows: hash_keys(rows, index_planes, key_mean), K * L + head_dim)
     return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
-                         length)
+                         length, first)
 
   def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
     check_cache(cache)
@@ -169,10 +178,11 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   @functools.partial(jax.jit, donate_argnums=0)
   def _append(index, cache):
     capacity = cache.keys.shape[2]
-    (codes, norms), length = key_index.append_rows(
+    (codes, norms), length, first = key_index.append_rows(
         (index.codes, index.key_norms), index.length, cache,
-        lambda rows: hash_keys(rows, index.planes, index.key_mean), append_chunk)
-    index = index._replace(codes=codes, key_norms=norms, length=length)
+        lambda rows: hash_keys(rows, index.planes, index.key_mean), append_chunk,
+        index.first_nonfinite)
+    index = index._replace(codes=codes, key_norms=norms, length=length, first_nonfinite=first)
     # The tail scan covers at most `tail` tokens past the tables: rebuild when more wait.
     # One `cond` for the whole batch (under vmap it would run the sort every step).
     pending = index.length - index.table_length
@@ -254,7 +264,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     residual_end = jnp.maximum(length - local, sinks)
     unindexed = jnp.maximum(residual_end - jnp.maximum(hashed, sinks), 0).astype(jnp.float32)
     return make_result(
-        q, out, lse, exact + sampled, cache, over, sampled=sampled,
+        q, out, lse, exact + sampled, cache, over,
+        nonfinite=key_index.has_nonfinite(index.first_nonfinite, hashed)[..., None],
+        sampled=sampled,
         bucket_overflow=dropped.astype(jnp.float32),
         selected_overflow=overflow.astype(jnp.float32),
         unindexed=jnp.broadcast_to(unindexed[:, None, None], sampled.shape))

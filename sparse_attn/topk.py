@@ -94,6 +94,7 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
     selected = jnp.broadcast_to(jnp.sum(top_mask, -1).astype(jnp.float32) + exact, lse.shape)
     return make_result(q, out, lse, selected, cache, over,
+                       predictors.nonfinite_keys(index, scores, length),
                        read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
 
   return Estimator(init, pred.append, attend)
@@ -131,7 +132,9 @@ def topp(p: float) -> Estimator:
     threshold = jnp.take_along_axis(ordered, jnp.maximum(count - 1, 0), axis=-1)
     mask = valid & (scores >= threshold)
     out, lse = softmax_attend(scores, mask, values)
+    nonfinite = jnp.any(valid & ~jnp.isfinite(scores), axis=-1)
     return make_result(q, out, lse, jnp.sum(mask, -1).astype(jnp.float32), cache, over,
+                       nonfinite,
                        read_all_keys=jnp.ones(lse.shape, jnp.bool_))
 
   return Estimator(no_index, keep_index, attend)

@@ -38,8 +38,16 @@ class AttentionResult(NamedTuple):
       ``sum_i exp(q.k_i / sqrt(D))``; ``-inf`` where no token entered.
     density: ``float32 [B, Hq]``, the fraction of valid tokens that entered the estimate.
     stats: dict of ``[B, Hq]`` arrays (diagnostics; see each estimator).
-      Every estimator reports ``selected`` (tokens that entered) and ``valid`` (valid
-      tokens), so that ``merge`` can recompute ``density``.
+      Every estimator reports ``selected`` (tokens that entered), ``valid`` (valid tokens,
+      at most ``S``), so that ``merge`` can recompute ``density``, and ``over_capacity``
+      (bool: a traced ``length > S``, clamped to ``S``; eagerly it raises).
+
+  Edges, the same for every estimator, eagerly and under ``jit``: a row with ``length == 0``
+  gives ``out = 0``, ``lse = -inf``, ``density = 0``. A valid token whose key has a NaN or
+  inf entry gives ``out = NaN`` and ``lse = NaN`` on every query head of its KV head
+  (estimators that score or index every key flag it wherever it is; ``streaming`` and
+  ``uniform``, which read only the rows they attend, when they read it); the other heads are
+  unaffected, and ``out`` and ``lse`` are NaN together or not at all.
   """
 
   out: jax.Array

@@ -329,7 +329,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     read = exact + b_used + m0.astype(jnp.float32) - overlap(base_pos, base_mask, final_pos,
                                                              final_mask, capacity)
     return make_result(
-        q, out, lse, exact + b_used, cache, over, topk=top_count, residual=n_sf,
+        q, out, lse, exact + b_used, cache, over,
+        predictors.nonfinite_keys(index, scores, length), topk=top_count, residual=n_sf,
         base=m0.astype(jnp.float32), budget=b_used, budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys))
 
@@ -404,7 +405,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     read = exact_count + taken + m0.astype(jnp.float32) - overlap(base_pos, base_mask, pos, mask,
                                                                          capacity)
     return make_result(
-        q, out, lse, exact_count + taken, cache, over, topk=top, residual=n_sf,
+        q, out, lse, exact_count + taken, cache, over,
+        predictors.nonfinite_keys(index, scores, length), topk=top, residual=n_sf,
         base=m0.astype(jnp.float32), budget=taken - top,
         budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys),

@@ -182,3 +182,51 @@ def test_negative_length_raises_eagerly_naming_cache_length():
   q, cache = problem()
   with pytest.raises(ValueError, match=r"cache\.length must lie in \[0, S=256\]"):
     sa.dense_attention(q, cache._replace(length=jnp.array([-1, 5, 0], jnp.int32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite keys: NaN out and lse for the heads that hold one, nothing else changes.
+
+# Estimators that score or index every key flag a non-finite one wherever it is; streaming
+# and uniform read only the rows they attend, and propagate it only when they read it.
+READS_ONLY_WHAT_THEY_ATTEND = ("streaming", "uniform")
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_nonfinite_key_makes_its_heads_nan_and_leaves_the_others(name):
+  q, cache = problem()
+  keys = cache.keys.at[0, 0, 150, 3].set(jnp.nan).at[2, 1, 40, 0].set(jnp.inf)  # residual
+  _, clean = run(name, q, cache, jit=False)
+  index, res = run(name, q, cache._replace(keys=keys), jit=False)
+  out, lse = np.asarray(res.out, np.float32), np.asarray(res.lse)
+  poisoned = np.zeros((3, 4), bool)
+  poisoned[0, :2] = poisoned[2, 2:] = True  # the GQA groups of KV heads (0, 0) and (2, 1)
+  if name in READS_ONLY_WHAT_THEY_ATTEND:
+    assert not np.isnan(out[~poisoned]).any()
+  else:
+    assert np.isnan(out[poisoned]).all() and np.isnan(lse[poisoned]).all()
+  # lse consistent with out on every head: both NaN or neither.
+  np.testing.assert_array_equal(np.isnan(out).any(-1), np.isnan(lse))
+  # The other heads (and the empty row) are exactly as without the bad keys.
+  np.testing.assert_array_equal(out[~poisoned], np.asarray(clean.out)[~poisoned])
+  np.testing.assert_array_equal(lse[~poisoned], np.asarray(clean.lse)[~poisoned])
+  np.testing.assert_array_equal(np.asarray(res.density)[~poisoned],
+                                np.asarray(clean.density)[~poisoned])
+  if name == "magicpig":
+    # The centring mean of the poisoned head is over its finite residual keys: sampling goes
+    # on (it was switched off for the whole head when one NaN made the mean NaN).
+    residual = np.asarray(keys[0, 0, 4:CAPACITY - 16], np.float64)
+    residual = residual[np.isfinite(residual).all(-1)]
+    np.testing.assert_allclose(np.asarray(index.key_mean[0, 0]), residual.mean(0), rtol=1e-5,
+                               atol=1e-5)
+    sampled, clean_sampled = (np.asarray(r.stats["sampled"][0, :2]) for r in (res, clean))
+    assert (sampled >= 0.5 * clean_sampled).all() and (sampled > 0).all(), (sampled,
+                                                                             clean_sampled)
+
+
+def test_merge_of_a_nonfinite_part_is_nan_in_out_and_lse():
+  q, cache = problem()
+  bad = cache._replace(keys=cache.keys.at[0, 1, 7, 0].set(jnp.nan))
+  res = sa.merge([sa.dense_attention(q, bad), sa.dense_attention(q, cache)])
+  assert np.isnan(np.asarray(res.out[0, 2:])).all() and np.isnan(np.asarray(res.lse[0, 2:])).all()
+  assert np.isfinite(np.asarray(res.lse[0, :2])).all()
