@@ -45,7 +45,7 @@ from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queri
 from sparse_attn.attention import make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
-from sparse_attn.types import within_capacity
+from sparse_attn.types import donated_index_hint, within_capacity
 
 
 class MagicPigIndex(NamedTuple):
@@ -84,7 +84,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   """MagicPIG estimator (LSH sampling with importance weights).
 
   Args:
-    K: bits per table (``<= 16``: each table stores ``2**K + 1`` offsets).
+    K: bits per table, in ``[1, 16]`` (each table stores ``2**K + 1`` offsets).
     L: number of tables.
     min_collisions: tables that must collide for a token to be sampled.
     sinks, local: sizes of the exact set.
@@ -108,10 +108,11 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     ``valid``, ``sampled``, ``bucket_overflow``, ``selected_overflow``, ``unindexed``
     (residual tokens written to the cache but not yet appended to the index).
   """
+  if isinstance(K, int) and not isinstance(K, bool) and not 1 <= K <= 16:
+    raise ValueError(f"K (bits per table) must be in [1, 16] for MagicPIG's bucketed tables "
+                     f"(2**K + 1 offsets each), got {K}")
   lsh.check_table_shape(K, L, min_collisions)
   check_window(sinks, local)
-  if K > 16:
-    raise ValueError(f"K must be <= 16 for bucketed tables (2**K + 1 offsets each), got {K}")
   if max_selected is None:
     max_selected = 2.0 * float(lsh.collision_probability(0.0, K, L, min_collisions)) + 1 / 64
   if max_candidates is None:
@@ -171,7 +172,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
     check_cache(cache)
     key_index.check_same_cache(index.codes, cache)
-    return _append(index, cache)
+    with donated_index_hint():
+      return _append(index, cache)
 
   # The index is donated: its buffers are updated in place (a decode step must not copy
   # an index of several hundred bytes per token). Use the returned index, not the argument.
@@ -194,7 +196,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   def attend(q: jax.Array, cache: KVCache, index: MagicPigIndex, key=None):
     del key  # the randomness is in the planes, drawn at init
     check_query(q, cache)
-    return _attend(q, cache, index)
+    with donated_index_hint():
+      return _attend(q, cache, index)
 
   def retrieve(q_codes, index, hashed, length, num_candidates, num_selected, tail_size):
     """Sampled token ids ``[B, Hkv, G, C]`` (+ mask) and the overflow counts."""

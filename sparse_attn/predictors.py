@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from sparse_attn import hash_heads, key_index, lsh
 from sparse_attn.attention import row_scores
-from sparse_attn.types import KVCache, check_key, within_capacity
+from sparse_attn.types import KVCache, check_key, donated_index_hint, within_capacity
 
 NAMES = ("oracle", "simhash", "spotlight")
 
@@ -122,7 +122,8 @@ def code_appender(derive, append_chunk: int):
 
   def append(state, cache):
     key_index.check_same_cache(state.codes, cache)
-    return _append(state, cache)
+    with donated_index_hint():
+      return _append(state, cache)
 
   return append
 

@@ -23,7 +23,7 @@ from sparse_attn.attention import attend_rows, combine_lse, group_queries
 from sparse_attn.attention import make_result, row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_cache, check_query, keep_index
-from sparse_attn.types import no_index, within_capacity
+from sparse_attn.types import donated_index_hint, no_index, within_capacity
 
 
 def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, local: int = 64,
@@ -65,7 +65,8 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
   def attend(q, cache, index, key=None):
     del key
     check_query(q, cache)
-    return _attend(q, cache, index)
+    with donated_index_hint():
+      return _attend(q, cache, index)
 
   @jax.jit
   def _attend(q, cache, index):

@@ -6,7 +6,8 @@ Shapes: batch ``B``, query heads ``Hq``, KV heads ``Hkv`` (``Hq % Hkv == 0``, GQ
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import contextlib
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,23 @@ def check_query(q: jax.Array, cache: KVCache, name: str = "q") -> int:
         f"{name} has Hq = {q.shape[1]} query heads, which must be a multiple of the cache's "
         f"Hkv = {num_kv_heads} KV heads (GQA)")
   return q.shape[1] // num_kv_heads
+
+
+@contextlib.contextmanager
+def donated_index_hint(name: str = "index") -> Iterator[None]:
+  """Re-raises JAX's "Array has been deleted" (a ``RuntimeError``, or a ``ValueError`` when
+  the buffer reaches an executable) with the likely cause: ``append`` donates its ``index``
+  (updates it in place), so only the index it returns may be used afterwards."""
+  try:
+    yield
+  except (RuntimeError, ValueError) as error:
+    if "deleted" not in str(error):
+      raise
+    kind = ValueError if isinstance(error, ValueError) else RuntimeError
+    raise kind(
+        f"{str(error).rstrip('.')}. An estimator's append donates its {name} (its buffers "
+        f"are updated in place): after `{name} = est.append({name}, cache)` use only the "
+        f"returned {name}, never the one passed in") from error
 
 
 def check_key(key: jax.Array, name: str = "key") -> None:

@@ -78,6 +78,7 @@ from sparse_attn.attention import attend_rows, combine_lse, gather_rows, group_q
 from sparse_attn.attention import make_result, row_scores
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_cache, check_key, check_query, within_capacity
+from sparse_attn.types import donated_index_hint
 
 GUARANTEES = ("denominator", "numerator", "output")
 
@@ -261,7 +262,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
   def attend(q, cache, index, key):
     check_query(q, cache)
     check_key(key)
-    return (_attend_importance if sampled else _attend)(q, cache, index, key)
+    with donated_index_hint():
+      return (_attend_importance if sampled else _attend)(q, cache, index, key)
 
   def scored(q, cache, index):
     """``(qg [B, Hkv, G, D], predictor scores [B, Hkv, G, S], residual mask, same shape)``."""

@@ -194,8 +194,9 @@ def test_jit_of_the_whole_decode_step_and_bad_arguments():
   res = step(q, cache, jax.random.PRNGKey(13))
   eager = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(13)), None)
   np.testing.assert_allclose(np.asarray(res.out), np.asarray(eager.out), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="K must be <= 16"):
-    sa.magicpig(K=17)
+  for K in (0, 17):  # one message, the real range
+    with pytest.raises(ValueError, match=r"K \(bits per table\) must be in \[1, 16\]"):
+      sa.magicpig(K=K)
   with pytest.raises(ValueError, match="max_selected must be a fraction"):
     sa.magicpig(max_selected=1.5)
   with pytest.raises(ValueError, match="key must be a single jax.random key"):
@@ -204,3 +205,16 @@ def test_jit_of_the_whole_decode_step_and_bad_arguments():
     est.append(est.init(cache, jax.random.PRNGKey(0)),
                sa.KVCache(cache.keys[:, :, :256], cache.values[:, :, :256],
                           jnp.minimum(cache.length, 256)))
+
+
+def test_reusing_a_donated_index_says_so():
+  q, cache = small_problem()
+  est = sa.magicpig(**SMALL)
+  index = est.init(cache, jax.random.PRNGKey(1))
+  grown = cache._replace(length=jnp.minimum(cache.length + 1, cache.keys.shape[2]))
+  new = est.append(index, grown)  # donates index
+  with pytest.raises((RuntimeError, ValueError), match="append donates its index"):
+    est.attend(q, grown, index)
+  with pytest.raises((RuntimeError, ValueError), match="append donates its index"):
+    est.append(index, grown)
+  assert np.isfinite(np.asarray(est.attend(q, grown, new).out)).all()
