@@ -256,9 +256,10 @@ def merge(results: Sequence[AttentionResult]) -> AttentionResult:
 
 
 def dense() -> Estimator:
-  """The exact estimator: ``dense_attention`` behind the ``Estimator`` interface."""
+  """The exact estimator: ``dense_attention`` behind the ``Estimator`` interface. Draws
+  nothing: ``init`` and ``attend`` ignore their optional ``key``."""
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     del index, key
     return dense_attention(q, cache)
 

@@ -207,7 +207,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
                           fn_rest(*args))
     return call
 
-  def init(cache: KVCache, key):
+  def init(cache: KVCache, key=None):
     if first is None:
       return ()
 
@@ -229,7 +229,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
     cache, _ = within_capacity(cache)
     return shard_map(part, mesh, (parts, specs), parts)(index, cache)
 
-  def attend(q, cache: KVCache, index, key) -> AttentionResult:
+  def attend(q, cache: KVCache, index, key=None) -> AttentionResult:
     check_query(q, cache)
 
     def part(q, cache, index, key):
@@ -237,7 +237,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
       pieces = [_window(q, cache, offset, local)] if local else []
       if first is not None:
         index = unstack(index)
-        device_key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        device_key = None if key is None else jax.random.fold_in(key, jax.lax.axis_index(axis))
         result = on_device(first.attend, rest.attend)(q, mine, index, device_key)
         pieces.append(_without(result, mine.length == 0))
       mine_result = merge(pieces) if len(pieces) > 1 else pieces[0]

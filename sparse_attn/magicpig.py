@@ -103,6 +103,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
 
   ``append(index, cache)`` donates ``index`` (updated in place): keep only the returned index.
 
+  Keys: ``init`` consumes its ``key`` (the random planes; required); ``attend`` draws
+  nothing (its optional ``key`` is ignored): every query of an index sees the same planes.
+
   Returns:
     An ``Estimator``. ``attend``'s ``stats``: ``selected`` (exact + sampled tokens),
     ``valid``, ``sampled``, ``bucket_overflow``, ``selected_overflow``, ``unindexed``
@@ -145,9 +148,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     include = jnp.broadcast_to(include[:, None, :], codes.shape[:3])
     return hash_tables.build_tables(codes, include, K)
 
-  def init(cache: KVCache, key: jax.Array) -> MagicPigIndex:
+  def init(cache: KVCache, key: jax.Array | None = None) -> MagicPigIndex:
     check_cache(cache)
-    check_key(key)
+    check_key(key, purpose="magicpig's init draws its hash planes from it")
     return _init(cache, key)
 
   @jax.jit

@@ -159,8 +159,8 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
 
   derive = with_norms(lambda state, rows: hash_keys(rows, state.planes, state.key_mean), norms)
 
-  def init(cache, key):
-    check_key(key)
+  def init(cache, key=None):
+    check_key(key, purpose='the "simhash" predictor\'s init draws its hash planes from it')
     return _init(cache, key)
 
   @jax.jit
@@ -201,7 +201,7 @@ def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Pred
   hash_heads.check_params(params)
   derive = with_norms(lambda state, rows: (rows, hash_heads.hash(state.params, rows)), norms)
 
-  def init(cache, key):
+  def init(cache, key=None):
     del key
     hash_heads.check_params(params, cache.keys.shape[1], cache.keys.shape[3])
     return _init(params, cache)

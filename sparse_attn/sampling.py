@@ -25,7 +25,8 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
 
   One sample per KV head, shared by its GQA group. The static buffer holds
   ``rate*S + 6*sqrt(rate*S) + 16`` tokens (the sample size exceeds it with probability
-  below 1e-9); ``stats["selected_overflow"]`` counts any excess.
+  below 1e-9); ``stats["selected_overflow"]`` counts any excess. ``attend`` consumes its
+  ``key`` (the sample; required); ``init`` draws nothing.
 
   Args:
     rate: inclusion probability of each residual token, in (0, 1].
@@ -35,10 +36,10 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
     raise ValueError(f"rate must be in (0, 1], got {rate!r}")
   check_window(sinks, local)
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     del index
     check_query(q, cache)
-    check_key(key)
+    check_key(key, purpose="sa.uniform's attend draws its sample from it")
     return _attend(q, cache, key)
 
   @jax.jit

@@ -81,7 +81,8 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
   """StreamingLLM: exact attention over the sinks and the local window only.
 
   Biased by design (the residual is dropped); a floor for comparisons and the exact part of
-  the sampling estimators. ``stats``: ``selected``, ``valid``.
+  the sampling estimators. ``stats``: ``selected``, ``valid``. Draws nothing: ``init`` and
+  ``attend`` ignore their optional ``key``.
 
   Args:
     sinks: number of leading tokens kept.
@@ -91,7 +92,7 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
   if sinks + local == 0:
     raise ValueError("streaming needs sinks + local > 0, got sinks=0 and local=0")
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     del index, key
     check_query(q, cache)
     return _attend(q, cache)

@@ -43,8 +43,10 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
 
   Returns:
     An ``Estimator`` (its index is the predictor's state); ``stats``: ``selected``,
-    ``valid``, ``read_all_keys``. When the predictor scores a GQA group alike
-    (``"spotlight"``), the group shares one selection and its rows are gathered once.
+    ``valid``, ``read_all_keys``. Keys: ``attend`` draws nothing; ``init`` consumes its
+    ``key`` only with ``predictor="simhash"`` (the planes; then required). When the
+    predictor scores a GQA group alike (``"spotlight"``), the group shares one selection
+    and its rows are gathered once.
   """
   if (k is None) == (fraction is None):
     raise ValueError(f"give exactly one of k or fraction, got k={k!r}, fraction={fraction!r}")

@@ -60,10 +60,14 @@ class AttentionResult(NamedTuple):
 class Estimator(NamedTuple):
   """An attention estimator as a triple of pure functions (optax style).
 
-  ``index = init(cache, key)`` builds the estimator's state at prefill;
+  ``index = init(cache, key=None)`` builds the estimator's state at prefill;
   ``index = append(index, cache)`` extends it after new tokens were written to ``cache``;
-  ``res = attend(q, cache, index, key)`` returns an ``AttentionResult``.
+  ``res = attend(q, cache, index, key=None)`` returns an ``AttentionResult``.
   Configuration lives in the factory's closure; arrays live in ``index``.
+
+  Keys: both are optional; an estimator that draws randomness at that step raises a
+  ``ValueError`` naming ``key`` when it is missing. Each factory's docstring says which key
+  it consumes (init's: hash planes; attend's: samples).
   """
 
   init: Callable[[KVCache, jax.Array], Any]
@@ -173,10 +177,12 @@ def donated_index_hint(name: str = "index") -> Iterator[None]:
         f"returned {name}, never the one passed in") from error
 
 
-def check_key(key: jax.Array, name: str = "key") -> None:
-  """Raises ``ValueError`` unless ``key`` is a single JAX PRNG key."""
+def check_key(key: jax.Array | None, name: str = "key", purpose: str = "") -> None:
+  """Raises ``ValueError`` unless ``key`` is a single JAX PRNG key; ``purpose`` says what the
+  estimator draws from it (for the message when it is missing)."""
   if key is None:
-    raise ValueError(f"{name} must be a jax.random key, got None")
+    why = f" ({purpose})" if purpose else ""
+    raise ValueError(f"{name} must be a jax.random key{why}, got None")
   shape = key.shape if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key.shape[:-1]
   if shape != ():
     raise ValueError(f"{name} must be a single jax.random key, got shape {tuple(key.shape)}")

@@ -192,7 +192,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       8.8%) and not with 128 (11.5% against 10.7%).
 
   Returns:
-    An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
+    An ``Estimator``. Keys: ``attend`` consumes its ``key`` (the base and final samples;
+    required); ``init`` consumes its ``key`` only with the ``"simhash"`` predictor or
+    proposal (the planes), and otherwise draws nothing. ``stats``: ``selected``, ``valid``,
     ``topk``, ``residual`` (n_s), ``base`` (m0; with a code proposal, its draws plus the
     certain slice), ``budget`` (b: sampled tokens beyond the top-k),
     ``budget_clipped``, ``read`` (tokens whose rows were read beyond the predictor: exact
@@ -255,13 +257,13 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
   pred = predictors.make(predictor, **({} if bits is None else {"bits": bits}), sinks=sinks,
                          local=local, hash_params=hash_params, norms=proposal != "uniform")
 
-  def init(cache, key):
+  def init(cache, key=None):
     check_cache(cache)
     return pred.init(cache, key)
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     check_query(q, cache)
-    check_key(key)
+    check_key(key, purpose="vattention's attend draws its samples from it")
     with donated_index_hint():
       return (_attend_importance if sampled else _attend)(q, cache, index, key)
 

@@ -161,6 +161,10 @@ def edges(q, cache, mesh, key) -> dict:
     out[f"{name} over capacity"] = {
         "flag": np.asarray(res.stats["over_capacity"][:, 0]).tolist(),
         "out": relative(res.out[0], at_capacity.out[0])}
+    if name != "vattention":  # draws nothing: the key is optional, as on one device
+      out[f"{name} no key"] = {"out": relative(est.attend(q, placed, est.init(placed, None if
+                                                 name == "dense" else key)).out[0],
+                                               at_capacity.out[0])}
   return out
 
 

@@ -84,6 +84,8 @@ def test_sharded_empty_rows_and_capacity(report, name):
     assert report["edges"][f"{name} empty {mode}"]["ok"], report["edges"]
   r = report["edges"][f"{name} over capacity"]
   assert r["flag"] == [True, False] and r["out"] <= 1e-6, r
+  if name != "vattention":
+    assert report["edges"][f"{name} no key"]["out"] <= 1e-6, report["edges"]
 
 
 def test_sharded_output_guarantee_is_refused(report):

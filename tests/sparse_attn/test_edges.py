@@ -230,3 +230,29 @@ def test_merge_of_a_nonfinite_part_is_nan_in_out_and_lse():
   res = sa.merge([sa.dense_attention(q, bad), sa.dense_attention(q, cache)])
   assert np.isnan(np.asarray(res.out[0, 2:])).all() and np.isnan(np.asarray(res.lse[0, 2:])).all()
   assert np.isfinite(np.asarray(res.lse[0, :2])).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# One key convention: optional where unused, a ValueError naming it where it is needed.
+
+DRAWS_AT_INIT = ("magicpig", "topk simhash", "vattention simhash")  # hash planes
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_key_is_optional_where_unused_and_named_where_needed(name):
+  q, cache = problem()
+  make, draws_at_attend = ESTIMATORS[name]
+  est = make()
+  if name in DRAWS_AT_INIT:
+    with pytest.raises(ValueError, match=r"key must be a jax.random key \(.*init.*\), got None"):
+      est.init(cache)
+    index = est.init(cache, jax.random.PRNGKey(1))
+  else:
+    index = est.init(cache)
+  if draws_at_attend:
+    with pytest.raises(ValueError, match=r"key must be a jax.random key \(.*attend.*\), got None"):
+      est.attend(q, cache, index)
+  else:
+    res = est.attend(q, cache, index)
+    ignored = est.attend(q, cache, index, jax.random.PRNGKey(9))
+    np.testing.assert_array_equal(np.asarray(res.out), np.asarray(ignored.out))
