@@ -19,9 +19,16 @@ tables were built sit in a *tail* of at most ``tail`` tokens that is scanned dir
 tables are rebuilt (from stored codes, no rehashing) when the tail is full.
 
 Static capacities and what happens at them (never silently):
-``max_candidates`` bucket entries per query (``stats["bucket_overflow"]`` counts the entries
-dropped) and ``max_selected`` sampled tokens per query (``stats["selected_overflow"]``).
-Both are zero in normal operation; non-zero means the estimate is biased low, so raise them.
+
+* ``max_selected`` sampled tokens per query. When more qualify, a uniform sample without
+  replacement of ``max_selected`` of them is kept and each is weighted by
+  ``qualified / max_selected`` on top of ``1 / w`` (two-stage Horvitz-Thompson): numerator
+  and denominator stay unbiased, with more variance. ``stats["selected_overflow"]`` counts
+  the qualified tokens left out. The second stage draws from ``attend``'s ``key`` if given,
+  else from a key ``init`` derived from its own (apart from the planes).
+* ``max_candidates`` bucket entries per query (``stats["bucket_overflow"]`` counts the
+  entries dropped). A dropped entry lowers a token's collision count: non-zero means the
+  estimate is biased low, so raise the cap.
 
 Non-finite keys: the centring mean is taken over the finite keys only (one NaN key must not
 switch the sampling of its whole head off), and a valid hashed token whose key has a NaN or
@@ -65,6 +72,8 @@ class MagicPigIndex(NamedTuple):
     length: ``int32 [B]``, tokens whose codes are in ``codes``.
     first_nonfinite: ``int32 [B, Hkv]``, the first hashed token whose key has a NaN or inf
       entry (``S`` if none): ``attend`` returns NaN for that KV head (module docstring).
+    subsample_key: ``uint32`` key data, derived from init's key apart from the planes: the
+      second-stage subsample when ``max_selected`` binds and ``attend`` gets no key.
   """
 
   planes: jax.Array
@@ -75,6 +84,7 @@ class MagicPigIndex(NamedTuple):
   table_length: jax.Array
   length: jax.Array
   first_nonfinite: jax.Array
+  subsample_key: jax.Array
 
 
 def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
@@ -103,8 +113,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
 
   ``append(index, cache)`` donates ``index`` (updated in place): keep only the returned index.
 
-  Keys: ``init`` consumes its ``key`` (the random planes; required); ``attend`` draws
-  nothing (its optional ``key`` is ignored): every query of an index sees the same planes.
+  Keys: ``init`` consumes its ``key`` (the random planes; required). ``attend``'s optional
+  ``key`` only draws the second-stage subsample when ``max_selected`` binds (without it, a
+  key derived at ``init``); below the cap it changes nothing.
 
   Returns:
     An ``Estimator``. ``attend``'s ``stats``: ``selected`` (exact + sampled tokens),
@@ -169,8 +180,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
              jnp.zeros((batch, num_kv_heads, capacity), jnp.float32))
     (codes, norms), first = key_index.derive_all(
         empty, cache, lambda rows: hash_keys(rows, index_planes, key_mean), K * L + head_dim)
+    subsample_key = jax.random.key_data(jax.random.fold_in(key, 1))
     return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
-                         length, first)
+                         length, first, subsample_key)
 
   def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
     check_cache(cache)
@@ -197,13 +209,17 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         lambda idx: idx, index)
 
   def attend(q: jax.Array, cache: KVCache, index: MagicPigIndex, key=None):
-    del key  # the randomness is in the planes, drawn at init
     check_query(q, cache)
+    if key is not None:
+      check_key(key)
+      key = jax.random.key_data(key)
     with donated_index_hint():
-      return _attend(q, cache, index)
+      return _attend(q, cache, index, key)
 
-  def retrieve(q_codes, index, hashed, length, num_candidates, num_selected, tail_size):
-    """Sampled token ids ``[B, Hkv, G, C]`` (+ mask) and the overflow counts."""
+  def retrieve(q_codes, index, hashed, length, num_candidates, num_selected, tail_size,
+               subsample_key):
+    """Sampled token ids ``[B, Hkv, G, C]`` (+ mask), the overflow counts and each query's
+    second-stage inclusion probability ``[B, Hkv, G]`` (1 where the cap does not bind)."""
     capacity = index.codes.shape[2]
     lookup = jax.vmap(hash_tables.lookup, in_axes=(None, 0, None))  # the group's queries
     lookup = jax.vmap(jax.vmap(lookup, in_axes=(0, 0, None)), in_axes=(0, 0, None))
@@ -227,11 +243,24 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     counts = add_tail(counts, tail_counts, start)
     positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
     keep = (counts >= min_collisions) & residual_mask(positions, length, sinks, local)
-    sel, sel_mask, overflow = selection.compact(keep, num_selected)
-    return sel, sel_mask, dropped, overflow
+    qualified = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [B, Hkv, G]
+
+    def subsample(keep):
+      # Two-stage Horvitz-Thompson: a uniform sample without replacement of num_selected of
+      # the qualified tokens (the lowest of iid uniform priorities), each then weighted by
+      # qualified / num_selected on top of 1 / w: unbiased given the first stage.
+      u = jax.random.uniform(jax.random.wrap_key_data(subsample_key), keep.shape)
+      return selection.top(-u, keep, num_selected, num_selected)
+
+    # Only when the cap binds somewhere (the first num_selected otherwise are all of them).
+    sel, sel_mask = jax.lax.cond(jnp.any(qualified > num_selected), subsample,
+                                 lambda keep: selection.compact(keep, num_selected)[:2], keep)
+    overflow = jnp.maximum(qualified - num_selected, 0)
+    second_stage = jnp.minimum(1.0, num_selected / jnp.maximum(qualified, 1).astype(jnp.float32))
+    return sel, sel_mask, dropped, overflow, second_stage
 
   @jax.jit
-  def _attend(q, cache, index):
+  def _attend(q, cache, index, key):
     cache, over = within_capacity(cache)
     keys, values, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
@@ -241,8 +270,10 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
     q_codes = hash_queries(qg, index.planes)
     hashed = jnp.minimum(index.length, length)
-    sel, sel_mask, dropped, overflow = retrieve(
-        q_codes, index, hashed, length, num_candidates, num_selected, tail_size)
+    sel, sel_mask, dropped, overflow, second_stage = retrieve(
+        q_codes, index, hashed, length, num_candidates, num_selected, tail_size,
+        index.subsample_key if key is None else key)
+    log_second_stage = jnp.log(second_stage).reshape(batch, -1, 1)  # [B, Hq, 1]
 
     # Sampled part: importance weights 1/w from the exact centred cosine of each selected
     # key, q.(k - k_bar) = sqrt(D) s - q.k_bar with ||k - k_bar|| stored at hashing time,
@@ -259,7 +290,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
       norms = q_norm.reshape(batch, -1, 1) * k_norms
       dots = scores[:, :, 0] * math.sqrt(head_dim) - q_mean.reshape(batch, -1, 1)
       cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
-      return jnp.log(jnp.maximum(lsh.collision_probability(cos, K, L, min_collisions), 1e-30))
+      log_first = jnp.log(jnp.maximum(lsh.collision_probability(cos, K, L, min_collisions),
+                                      1e-30))
+      return log_first + log_second_stage  # the inclusion probability of both stages
 
     out_s, lse_s = attend_rows(q, cache, sel, count, log_w)
 
