@@ -4,12 +4,14 @@ Every estimator is a factory returning ``Estimator(init, append, attend)``::
 
   import sparse_attn as sa
   est = sa.magicpig(K=10, L=150)
-  index = est.init(cache, key)          # at prefill
+  index = est.init(cache, key)          # at prefill (MagicPIG draws its planes from key)
   index = est.append(index, cache)      # after new tokens were written to cache
-  res = est.attend(q, cache, index, key)  # res.out, res.lse, res.density, res.stats
+  res = est.attend(q, cache, index)     # res.out, res.lse, res.density, res.stats
+  # key is optional in init and attend; estimators that draw there say so (ValueError).
 """
 
-from sparse_attn import distributed, hash_heads, hash_tables, key_index, lsh, predictors, train
+from sparse_attn import distributed, hash_heads, hash_tables, key_index, lsh, predictors
+from sparse_attn import synthetic, train
 from sparse_attn.attention import dense, dense_attention, merge
 from sparse_attn.magicpig import MagicPigIndex, magicpig
 from sparse_attn.sampling import uniform
@@ -23,5 +25,5 @@ __all__ = [
     "AttentionResult", "Estimator", "KVCache", "MagicPigIndex", "dense", "dense_attention",
     "distributed",
     "hash_heads", "hash_tables", "key_index", "lsh", "magicpig", "merge", "predictors",
-    "spotlight", "streaming", "topk", "topp", "train", "uniform", "vattention",
+    "spotlight", "streaming", "synthetic", "topk", "topp", "train", "uniform", "vattention",
 ]

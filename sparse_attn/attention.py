@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_attention, sparse_decode_attention
 from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, keep_index, no_index
+from sparse_attn.types import within_capacity
 
 # float32 products stay float32 on every backend (GPUs would otherwise use TF32, whose
 # 10-bit mantissa alone costs ~1e-3 relative error). Decode attention is memory-bound,
@@ -140,20 +141,42 @@ def combine_lse(outs: Sequence[jax.Array],
 
 
 def valid_counts(cache: KVCache, num_q_heads: int) -> jax.Array:
-  """``float32 [B, Hq]``: the number of valid tokens, per query head."""
-  n = cache.length.astype(jnp.float32)[:, None]
+  """``float32 [B, Hq]``: the number of valid tokens (at most ``S``), per query head."""
+  n = jnp.clip(cache.length, 0, cache.keys.shape[2]).astype(jnp.float32)[:, None]
   return jnp.broadcast_to(n, (n.shape[0], num_q_heads))
 
 
+def nan_together(out: jax.Array, lse: jax.Array,
+                 nonfinite: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(out [..., D], lse [...])`` with both NaN wherever either is not a valid result (a NaN
+  or inf in ``out``, a NaN or ``+inf`` ``lse``) or ``nonfinite`` (bool, broadcastable to
+  ``lse``) is True. Never changes a result of finite inputs."""
+  bad = jnp.isnan(lse) | (lse == jnp.inf) | jnp.any(~jnp.isfinite(out), axis=-1)
+  if nonfinite is not None:
+    bad = bad | nonfinite
+  return jnp.where(bad[..., None], jnp.nan, out), jnp.where(bad, jnp.nan, lse)
+
+
 def make_result(q: jax.Array, out: jax.Array, lse: jax.Array, selected: jax.Array,
-                cache: KVCache, **stats: jax.Array) -> AttentionResult:
-  """Assembles an ``AttentionResult`` from grouped ``[B, Hkv, G, ...]`` arrays."""
+                cache: KVCache, over_capacity: jax.Array | None = None,
+                nonfinite: jax.Array | None = None, **stats: jax.Array) -> AttentionResult:
+  """Assembles an ``AttentionResult`` from grouped ``[B, Hkv, G, ...]`` arrays.
+
+  ``stats["over_capacity"]`` (bool) is ``over_capacity [B]`` (from ``within_capacity``) or,
+  if None, ``cache.length > S``. ``nonfinite`` (bool, broadcastable to ``lse``): heads whose
+  valid tokens include a non-finite key; their ``out`` and ``lse`` become NaN, as do those of
+  any head whose ``out`` or ``lse`` already is (``nan_together``).
+  """
   batch, num_q_heads, head_dim = q.shape
+  out, lse = nan_together(out, lse, nonfinite)
   selected = selected.reshape(batch, num_q_heads).astype(jnp.float32)
   valid = valid_counts(cache, num_q_heads)
   density = selected / jnp.maximum(valid, 1.0)
+  if over_capacity is None:
+    over_capacity = cache.length > cache.keys.shape[2]
   stats = {k: v.reshape(batch, num_q_heads) for k, v in stats.items()}
-  stats.update(selected=selected, valid=valid)
+  stats.update(selected=selected, valid=valid, over_capacity=jnp.broadcast_to(
+      over_capacity[:, None], (batch, num_q_heads)))
   return AttentionResult(
       out=out.reshape(batch, num_q_heads, head_dim).astype(q.dtype),
       lse=lse.reshape(batch, num_q_heads),
@@ -177,11 +200,13 @@ def dense_attention(q: jax.Array, cache: KVCache) -> AttentionResult:
 
 @jax.jit
 def _dense_attention(q: jax.Array, cache: KVCache) -> AttentionResult:
+  cache, over = within_capacity(cache)
   keys, values, length = cache
-  # The split-K flash-decode kernel on verified accelerators, its jnp twin elsewhere.
+  # The split-K flash-decode kernel on verified accelerators, its jnp twin elsewhere; both
+  # make a head NaN (out and lse) when a valid key of it is NaN or inf.
   out, lse = decode_attention.decode_attention(q, keys, values, length)
   selected = jnp.broadcast_to(length.astype(jnp.float32)[:, None], lse.shape)
-  return make_result(q, out, lse, selected, cache)
+  return make_result(q, out, lse, selected, cache, over)
 
 
 def merge(results: Sequence[AttentionResult]) -> AttentionResult:
@@ -213,6 +238,7 @@ def merge(results: Sequence[AttentionResult]) -> AttentionResult:
       if needed not in r.stats:
         raise ValueError(f"results[{i}].stats lacks '{needed}', needed to merge density")
   out, merged_lse = combine_lse([r.out for r in results], [r.lse for r in results])
+  out, merged_lse = nan_together(out, merged_lse)  # a NaN part makes the whole NaN
   out = out.astype(results[0].out.dtype)
   common = set(results[0].stats).intersection(*(r.stats for r in results[1:]))
   stats = {}
@@ -227,9 +253,10 @@ def merge(results: Sequence[AttentionResult]) -> AttentionResult:
 
 
 def dense() -> Estimator:
-  """The exact estimator: ``dense_attention`` behind the ``Estimator`` interface."""
+  """The exact estimator: ``dense_attention`` behind the ``Estimator`` interface. Draws
+  nothing: ``init`` and ``attend`` ignore their optional ``key``."""
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     del index, key
     return dense_attention(q, cache)
 

@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from sparse_attn.attention import gather_rows, group_queries, make_result, merge, row_scores
 from sparse_attn.attention import softmax_attend
 from sparse_attn.streaming import check_window
-from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query
+from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, within_capacity
 from sparse_attn.vattention import vattention
 
 AXIS = "seq"
@@ -167,7 +167,8 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
     query (split like the cache's rows and heads); the index holds one part per device
     (three new leading axes on every leaf, for ``axis``, ``batch_axis`` and ``head_axis``).
     ``attend``'s ``stats`` are the parts' ``sa.merge``: ``selected`` and ``valid`` over all
-    devices (with a local window, only these two).
+    devices (with a local window, only these two), and ``over_capacity`` (a traced global
+    ``length > S``, clamped to ``S`` as in every estimator).
   """
   check_window(sinks, local)
   for name in (axis, batch_axis, head_axis):
@@ -206,7 +207,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
                           fn_rest(*args))
     return call
 
-  def init(cache: KVCache, key):
+  def init(cache: KVCache, key=None):
     if first is None:
       return ()
 
@@ -214,6 +215,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
       mine, _ = _local(cache, axis, local)
       return stack(on_device(first.init, rest.init)(mine, key))
 
+    cache, _ = within_capacity(cache)
     return shard_map(part, mesh, (specs, P()), parts)(cache, key)
 
   def append(index, cache: KVCache):
@@ -224,9 +226,10 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
       mine, _ = _local(cache, axis, local)
       return stack(on_device(first.append, rest.append)(unstack(index), mine))
 
+    cache, _ = within_capacity(cache)
     return shard_map(part, mesh, (parts, specs), parts)(index, cache)
 
-  def attend(q, cache: KVCache, index, key) -> AttentionResult:
+  def attend(q, cache: KVCache, index, key=None) -> AttentionResult:
     check_query(q, cache)
 
     def part(q, cache, index, key):
@@ -234,7 +237,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
       pieces = [_window(q, cache, offset, local)] if local else []
       if first is not None:
         index = unstack(index)
-        device_key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        device_key = None if key is None else jax.random.fold_in(key, jax.lax.axis_index(axis))
         result = on_device(first.attend, rest.attend)(q, mine, index, device_key)
         pieces.append(_without(result, mine.length == 0))
       mine_result = merge(pieces) if len(pieces) > 1 else pieces[0]
@@ -242,7 +245,10 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
       return merge([jax.tree.map(lambda x, i=i: x[i], gathered)
                     for i in range(mesh.shape[axis])])
 
-    return shard_map(part, mesh, (rows, specs, parts, P()), rows)(q, cache, index, key)
+    cache, over = within_capacity(cache)  # past the capacity: as every estimator (types)
+    result = shard_map(part, mesh, (rows, specs, parts, P()), rows)(q, cache, index, key)
+    return result._replace(stats={**result.stats, "over_capacity": jnp.broadcast_to(
+        over[:, None], result.lse.shape)})
 
   return Estimator(init, append, attend)
 

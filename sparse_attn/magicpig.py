@@ -19,9 +19,22 @@ tables were built sit in a *tail* of at most ``tail`` tokens that is scanned dir
 tables are rebuilt (from stored codes, no rehashing) when the tail is full.
 
 Static capacities and what happens at them (never silently):
-``max_candidates`` bucket entries per query (``stats["bucket_overflow"]`` counts the entries
-dropped) and ``max_selected`` sampled tokens per query (``stats["selected_overflow"]``).
-Both are zero in normal operation; non-zero means the estimate is biased low, so raise them.
+
+* ``max_selected`` sampled tokens per query. When more qualify, a uniform sample without
+  replacement of ``max_selected`` of them is kept and each is weighted by
+  ``qualified / max_selected`` on top of ``1 / w`` (two-stage Horvitz-Thompson): numerator
+  and denominator stay unbiased, with more variance. ``stats["selected_overflow"]`` counts
+  the qualified tokens left out. The second stage draws from ``attend``'s ``key`` if given,
+  else from a key ``init`` derived from its own (apart from the planes).
+* ``max_candidates`` bucket entries per query (``stats["bucket_overflow"]`` counts the
+  entries dropped). A dropped entry lowers a token's collision count: non-zero means the
+  estimate is biased low, so raise the cap.
+
+Non-finite keys: the centring mean is taken over the finite keys only (one NaN key must not
+switch the sampling of its whole head off), and a valid hashed token whose key has a NaN or
+inf entry makes ``out`` and ``lse`` NaN for every query head of its KV head, whether it was
+sampled or not (recorded when it is hashed, ``first_nonfinite``: no pass over the keys at
+``attend``).
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queri
 from sparse_attn.attention import make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
+from sparse_attn.types import donated_index_hint, within_capacity
 
 
 class MagicPigIndex(NamedTuple):
@@ -56,6 +70,10 @@ class MagicPigIndex(NamedTuple):
       ``[sinks, table_length)``.
     table_length: ``int32 [B]``, tokens covered by the tables.
     length: ``int32 [B]``, tokens whose codes are in ``codes``.
+    first_nonfinite: ``int32 [B, Hkv]``, the first hashed token whose key has a NaN or inf
+      entry (``S`` if none): ``attend`` returns NaN for that KV head (module docstring).
+    subsample_key: ``uint32`` key data, derived from init's key apart from the planes: the
+      second-stage subsample when ``max_selected`` binds and ``attend`` gets no key.
   """
 
   planes: jax.Array
@@ -65,6 +83,8 @@ class MagicPigIndex(NamedTuple):
   tables: hash_tables.HashTables
   table_length: jax.Array
   length: jax.Array
+  first_nonfinite: jax.Array
+  subsample_key: jax.Array
 
 
 def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
@@ -74,7 +94,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   """MagicPIG estimator (LSH sampling with importance weights).
 
   Args:
-    K: bits per table (``<= 16``: each table stores ``2**K + 1`` offsets).
+    K: bits per table, in ``[1, 16]`` (each table stores ``2**K + 1`` offsets).
     L: number of tables.
     min_collisions: tables that must collide for a token to be sampled.
     sinks, local: sizes of the exact set.
@@ -93,15 +113,20 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
 
   ``append(index, cache)`` donates ``index`` (updated in place): keep only the returned index.
 
+  Keys: ``init`` consumes its ``key`` (the random planes; required). ``attend``'s optional
+  ``key`` only draws the second-stage subsample when ``max_selected`` binds (without it, a
+  key derived at ``init``); below the cap it changes nothing.
+
   Returns:
     An ``Estimator``. ``attend``'s ``stats``: ``selected`` (exact + sampled tokens),
     ``valid``, ``sampled``, ``bucket_overflow``, ``selected_overflow``, ``unindexed``
     (residual tokens written to the cache but not yet appended to the index).
   """
+  if isinstance(K, int) and not isinstance(K, bool) and not 1 <= K <= 16:
+    raise ValueError(f"K (bits per table) must be in [1, 16] for MagicPIG's bucketed tables "
+                     f"(2**K + 1 offsets each), got {K}")
   lsh.check_table_shape(K, L, min_collisions)
   check_window(sinks, local)
-  if K > 16:
-    raise ValueError(f"K must be <= 16 for bucketed tables (2**K + 1 offsets each), got {K}")
   if max_selected is None:
     max_selected = 2.0 * float(lsh.collision_probability(0.0, K, L, min_collisions)) + 1 / 64
   if max_candidates is None:
@@ -134,13 +159,14 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     include = jnp.broadcast_to(include[:, None, :], codes.shape[:3])
     return hash_tables.build_tables(codes, include, K)
 
-  def init(cache: KVCache, key: jax.Array) -> MagicPigIndex:
+  def init(cache: KVCache, key: jax.Array | None = None) -> MagicPigIndex:
     check_cache(cache)
-    check_key(key)
+    check_key(key, purpose="magicpig's init draws its hash planes from it")
     return _init(cache, key)
 
   @jax.jit
   def _init(cache, key):
+    cache, _ = within_capacity(cache)
     keys, _, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
     index_planes = lsh.planes(key, head_dim, K, L, num_kv_heads if planes_per_head else None)
@@ -152,25 +178,28 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     # (25 GB at B=8, 64K tokens, K*L=1500).
     empty = (jnp.zeros((batch, num_kv_heads, capacity, L), jnp.uint16),
              jnp.zeros((batch, num_kv_heads, capacity), jnp.float32))
-    codes, norms = key_index.derive_all(
+    (codes, norms), first = key_index.derive_all(
         empty, cache, lambda rows: hash_keys(rows, index_planes, key_mean), K * L + head_dim)
+    subsample_key = jax.random.key_data(jax.random.fold_in(key, 1))
     return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
-                         length)
+                         length, first, subsample_key)
 
   def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
     check_cache(cache)
     key_index.check_same_cache(index.codes, cache)
-    return _append(index, cache)
+    with donated_index_hint():
+      return _append(index, cache)
 
   # The index is donated: its buffers are updated in place (a decode step must not copy
   # an index of several hundred bytes per token). Use the returned index, not the argument.
   @functools.partial(jax.jit, donate_argnums=0)
   def _append(index, cache):
     capacity = cache.keys.shape[2]
-    (codes, norms), length = key_index.append_rows(
+    (codes, norms), length, first = key_index.append_rows(
         (index.codes, index.key_norms), index.length, cache,
-        lambda rows: hash_keys(rows, index.planes, index.key_mean), append_chunk)
-    index = index._replace(codes=codes, key_norms=norms, length=length)
+        lambda rows: hash_keys(rows, index.planes, index.key_mean), append_chunk,
+        index.first_nonfinite)
+    index = index._replace(codes=codes, key_norms=norms, length=length, first_nonfinite=first)
     # The tail scan covers at most `tail` tokens past the tables: rebuild when more wait.
     # One `cond` for the whole batch (under vmap it would run the sort every step).
     pending = index.length - index.table_length
@@ -180,12 +209,17 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         lambda idx: idx, index)
 
   def attend(q: jax.Array, cache: KVCache, index: MagicPigIndex, key=None):
-    del key  # the randomness is in the planes, drawn at init
     check_query(q, cache)
-    return _attend(q, cache, index)
+    if key is not None:
+      check_key(key)
+      key = jax.random.key_data(key)
+    with donated_index_hint():
+      return _attend(q, cache, index, key)
 
-  def retrieve(q_codes, index, hashed, length, num_candidates, num_selected, tail_size):
-    """Sampled token ids ``[B, Hkv, G, C]`` (+ mask) and the overflow counts."""
+  def retrieve(q_codes, index, hashed, length, num_candidates, num_selected, tail_size,
+               subsample_key):
+    """Sampled token ids ``[B, Hkv, G, C]`` (+ mask), the overflow counts and each query's
+    second-stage inclusion probability ``[B, Hkv, G]`` (1 where the cap does not bind)."""
     capacity = index.codes.shape[2]
     lookup = jax.vmap(hash_tables.lookup, in_axes=(None, 0, None))  # the group's queries
     lookup = jax.vmap(jax.vmap(lookup, in_axes=(0, 0, None)), in_axes=(0, 0, None))
@@ -209,11 +243,25 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     counts = add_tail(counts, tail_counts, start)
     positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
     keep = (counts >= min_collisions) & residual_mask(positions, length, sinks, local)
-    sel, sel_mask, overflow = selection.compact(keep, num_selected)
-    return sel, sel_mask, dropped, overflow
+    qualified = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [B, Hkv, G]
+
+    def subsample(keep):
+      # Two-stage Horvitz-Thompson: a uniform sample without replacement of num_selected of
+      # the qualified tokens (the lowest of iid uniform priorities), each then weighted by
+      # qualified / num_selected on top of 1 / w: unbiased given the first stage.
+      u = jax.random.uniform(jax.random.wrap_key_data(subsample_key), keep.shape)
+      return selection.top(-u, keep, num_selected, num_selected)
+
+    # Only when the cap binds somewhere (the first num_selected otherwise are all of them).
+    sel, sel_mask = jax.lax.cond(jnp.any(qualified > num_selected), subsample,
+                                 lambda keep: selection.compact(keep, num_selected)[:2], keep)
+    overflow = jnp.maximum(qualified - num_selected, 0)
+    second_stage = jnp.minimum(1.0, num_selected / jnp.maximum(qualified, 1).astype(jnp.float32))
+    return sel, sel_mask, dropped, overflow, second_stage
 
   @jax.jit
-  def _attend(q, cache, index):
+  def _attend(q, cache, index, key):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
     num_selected = max(1, math.ceil(max_selected * capacity))
@@ -222,8 +270,10 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
     q_codes = hash_queries(qg, index.planes)
     hashed = jnp.minimum(index.length, length)
-    sel, sel_mask, dropped, overflow = retrieve(
-        q_codes, index, hashed, length, num_candidates, num_selected, tail_size)
+    sel, sel_mask, dropped, overflow, second_stage = retrieve(
+        q_codes, index, hashed, length, num_candidates, num_selected, tail_size,
+        index.subsample_key if key is None else key)
+    log_second_stage = jnp.log(second_stage).reshape(batch, -1, 1)  # [B, Hq, 1]
 
     # Sampled part: importance weights 1/w from the exact centred cosine of each selected
     # key, q.(k - k_bar) = sqrt(D) s - q.k_bar with ||k - k_bar|| stored at hashing time,
@@ -240,7 +290,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
       norms = q_norm.reshape(batch, -1, 1) * k_norms
       dots = scores[:, :, 0] * math.sqrt(head_dim) - q_mean.reshape(batch, -1, 1)
       cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
-      return jnp.log(jnp.maximum(lsh.collision_probability(cos, K, L, min_collisions), 1e-30))
+      log_first = jnp.log(jnp.maximum(lsh.collision_probability(cos, K, L, min_collisions),
+                                      1e-30))
+      return log_first + log_second_stage  # the inclusion probability of both stages
 
     out_s, lse_s = attend_rows(q, cache, sel, count, log_w)
 
@@ -251,7 +303,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     residual_end = jnp.maximum(length - local, sinks)
     unindexed = jnp.maximum(residual_end - jnp.maximum(hashed, sinks), 0).astype(jnp.float32)
     return make_result(
-        q, out, lse, exact + sampled, cache, sampled=sampled,
+        q, out, lse, exact + sampled, cache, over,
+        nonfinite=key_index.has_nonfinite(index.first_nonfinite, hashed)[..., None],
+        sampled=sampled,
         bucket_overflow=dropped.astype(jnp.float32),
         selected_overflow=overflow.astype(jnp.float32),
         unindexed=jnp.broadcast_to(unindexed[:, None, None], sampled.shape))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from sparse_attn import hash_heads, key_index, lsh
 from sparse_attn.attention import row_scores
-from sparse_attn.types import KVCache, check_key
+from sparse_attn.types import KVCache, check_key, donated_index_hint, within_capacity
 
 NAMES = ("oracle", "simhash", "spotlight")
 
@@ -43,15 +43,18 @@ class Predictor(NamedTuple):
 
 
 class SimHashState(NamedTuple):
-  """``planes float32 [D, bits]``, ``key_mean [B, Hkv, D]``, ``codes uint32 [B, Hkv, S, W]``
-  (``W = bits / 32``), ``length int32 [B]`` (tokens hashed), and with ``norms=True``
-  ``norms bfloat16 [B, Hkv, S]``, the norm of each hashed (centred) key."""
+  """``planes float32 [D, bits]``, ``key_mean [B, Hkv, D]`` (of the finite keys),
+  ``codes uint32 [B, Hkv, S, W]`` (``W = bits / 32``), ``length int32 [B]`` (tokens hashed),
+  with ``norms=True`` ``norms bfloat16 [B, Hkv, S]``, the norm of each hashed (centred) key,
+  and ``first_nonfinite int32 [B, Hkv]``, the first hashed key with a NaN or inf entry
+  (``S`` if none; ``key_index.append_rows``)."""
 
   planes: jax.Array
   key_mean: jax.Array
   codes: jax.Array
   length: jax.Array
   norms: jax.Array | None = None
+  first_nonfinite: jax.Array | None = None
 
 
 def rank_unhashed_last(sim: jax.Array, length: jax.Array) -> jax.Array:
@@ -80,16 +83,31 @@ def stored(state) -> tuple[jax.Array, ...]:
   return (state.codes,) if state.norms is None else (state.codes, state.norms)
 
 
-def restored(state, new: tuple[jax.Array, ...], length: jax.Array):
+def restored(state, new: tuple[jax.Array, ...], length: jax.Array, first_nonfinite: jax.Array):
   """``state`` with the arrays of ``stored`` replaced by ``new``."""
-  return state._replace(codes=new[0], norms=new[1] if len(new) > 1 else None, length=length)
+  return state._replace(codes=new[0], norms=new[1] if len(new) > 1 else None, length=length,
+                        first_nonfinite=first_nonfinite)
 
 
 def filled(state, cache: KVCache, derive, floats_per_token: int):
   """A state of zeros (``codes``, and ``norms`` unless None) filled for every cached token."""
-  return restored(state, key_index.derive_all(stored(state), cache,
-                                              lambda rows: derive(state, rows),
-                                              floats_per_token), cache.length)
+  new, first = key_index.derive_all(stored(state), cache, lambda rows: derive(state, rows),
+                                    floats_per_token)
+  return restored(state, new, cache.length, first)
+
+
+def nonfinite_keys(state, scores: jax.Array, length: jax.Array) -> jax.Array:
+  """``bool [B, Hkv, G or 1]``: a valid token of the KV head has a non-finite key.
+
+  From the state's record (hashing predictors: no pass over the keys) or, for the oracle,
+  from its exact ``scores [B, Hkv, G, S]`` (a non-finite key gives a non-finite score).
+  """
+  first = getattr(state, "first_nonfinite", None)
+  if first is not None:
+    return key_index.has_nonfinite(first, jnp.minimum(state.length, length))[..., None]
+  positions = jnp.arange(scores.shape[-1], dtype=jnp.int32)[None, None, None, :]
+  valid = positions < length[:, None, None, None]
+  return jnp.any(valid & ~jnp.isfinite(scores), axis=-1)
 
 
 def code_appender(derive, append_chunk: int):
@@ -100,13 +118,15 @@ def code_appender(derive, append_chunk: int):
 
   @functools.partial(jax.jit, donate_argnums=0)
   def _append(state, cache):
-    new, length = key_index.append_rows(
-        stored(state), state.length, cache, lambda rows: derive(state, rows), append_chunk)
-    return restored(state, new, length)
+    new, length, first = key_index.append_rows(
+        stored(state), state.length, cache, lambda rows: derive(state, rows), append_chunk,
+        state.first_nonfinite)
+    return restored(state, new, length, first)
 
   def append(state, cache):
     key_index.check_same_cache(state.codes, cache)
-    return _append(state, cache)
+    with donated_index_hint():
+      return _append(state, cache)
 
   return append
 
@@ -142,12 +162,13 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
 
   derive = with_norms(lambda state, rows: hash_keys(rows, state.planes, state.key_mean), norms)
 
-  def init(cache, key):
-    check_key(key)
+  def init(cache, key=None):
+    check_key(key, purpose='the "simhash" predictor\'s init draws its hash planes from it')
     return _init(cache, key)
 
   @jax.jit
   def _init(cache, key):
+    cache, _ = within_capacity(cache)
     batch, num_kv, capacity, head_dim = cache.keys.shape
     planes = lsh.planes(key, head_dim, 32, words)
     key_mean = key_index.residual_key_mean(cache, sinks, local)
@@ -168,12 +189,14 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
 
 class SpotlightState(NamedTuple):
   """``params`` (hash heads), ``codes uint32 [B, Hkv, S, ceil(D/32)]``, ``length int32 [B]``,
-  and with ``norms=True`` ``norms bfloat16 [B, Hkv, S]``, each key's norm."""
+  with ``norms=True`` ``norms bfloat16 [B, Hkv, S]``, each key's norm, and
+  ``first_nonfinite int32 [B, Hkv]`` (as ``SimHashState``'s)."""
 
   params: dict
   codes: jax.Array
   length: jax.Array
   norms: jax.Array | None = None
+  first_nonfinite: jax.Array | None = None
 
 
 def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Predictor:
@@ -182,13 +205,14 @@ def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Pred
   hash_heads.check_params(params)
   derive = with_norms(lambda state, rows: (rows, hash_heads.hash(state.params, rows)), norms)
 
-  def init(cache, key):
+  def init(cache, key=None):
     del key
     hash_heads.check_params(params, cache.keys.shape[1], cache.keys.shape[3])
     return _init(params, cache)
 
   @jax.jit
   def _init(params, cache):
+    cache, _ = within_capacity(cache)
     batch, num_kv, capacity, head_dim = cache.keys.shape
     state = SpotlightState(params, jnp.zeros((batch, num_kv, capacity, -(-head_dim // 32)),
                                              jnp.uint32), cache.length,

@@ -17,6 +17,7 @@ from sparse_attn import selection
 from sparse_attn.attention import attend_rows, combine_lse, make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_key, check_query, keep_index, no_index
+from sparse_attn.types import within_capacity
 
 
 def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
@@ -24,7 +25,8 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
 
   One sample per KV head, shared by its GQA group. The static buffer holds
   ``rate*S + 6*sqrt(rate*S) + 16`` tokens (the sample size exceeds it with probability
-  below 1e-9); ``stats["selected_overflow"]`` counts any excess.
+  below 1e-9); ``stats["selected_overflow"]`` counts any excess. ``attend`` consumes its
+  ``key`` (the sample; required); ``init`` draws nothing.
 
   Args:
     rate: inclusion probability of each residual token, in (0, 1].
@@ -34,14 +36,15 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
     raise ValueError(f"rate must be in (0, 1], got {rate!r}")
   check_window(sinks, local)
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     del index
     check_query(q, cache)
-    check_key(key)
+    check_key(key, purpose="sa.uniform's attend draws its sample from it")
     return _attend(q, cache, key)
 
   @jax.jit
   def _attend(q, cache, key):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     batch, num_kv_heads, capacity, _ = keys.shape
     size = min(capacity, math.ceil(rate * capacity + 6 * math.sqrt(rate * capacity) + 16))
@@ -54,7 +57,7 @@ def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
     sampled = jnp.broadcast_to(jnp.sum(sel_mask, -1)[:, :, None], lse.shape).astype(jnp.float32)
-    return make_result(q, out, lse, exact + sampled, cache, sampled=sampled,
+    return make_result(q, out, lse, exact + sampled, cache, over, sampled=sampled,
                        selected_overflow=jnp.broadcast_to(overflow[:, :, None], lse.shape)
                        .astype(jnp.float32))
 

@@ -291,7 +291,11 @@ def _threshold(keys, eligible, want):
     enough = jnp.sum(keys >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= want
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
 
-  threshold, _ = jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), bisect, (lo, hi))
+  # Each pass at least halves [lo, hi] (2**32 keys at most): 33 passes end every search; the
+  # static bound makes termination independent of the keys.
+  threshold, _, _ = jax.lax.while_loop(
+      lambda b: jnp.any(b[0] < b[1]) & (b[2] < 33),
+      lambda b: bisect(b[:2]) + (b[2] + 1,), (lo, hi, jnp.int32(0)))
   return want, threshold
 
 

@@ -27,8 +27,9 @@ def spotlight(params: dict, fraction: float = 0.02, min_tokens: int = 20, sinks:
     sinks, local: an optional exact window kept on top of the retrieved tokens.
 
   Returns:
-    An ``Estimator`` whose index holds the parameters and the packed key codes (``init``
-    needs no PRNG key); ``stats``: ``selected``, ``valid``, ``read_all_keys`` (False).
+    An ``Estimator`` whose index holds the parameters and the packed key codes. Draws
+    nothing: ``init`` and ``attend`` ignore their optional ``key``. ``stats``: ``selected``,
+    ``valid``, ``read_all_keys`` (False).
   """
   return topk(fraction=fraction, min_tokens=min_tokens, sinks=sinks, local=local,
               predictor="spotlight", hash_params=params)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from sparse_attn.attention import gather_rows, group_queries, make_result, row_scores
 from sparse_attn.attention import softmax_attend
 from sparse_attn.types import Estimator, KVCache, check_query, keep_index, no_index
+from sparse_attn.types import within_capacity
 
 
 def check_window(sinks: int, local: int) -> None:
@@ -80,7 +81,8 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
   """StreamingLLM: exact attention over the sinks and the local window only.
 
   Biased by design (the residual is dropped); a floor for comparisons and the exact part of
-  the sampling estimators. ``stats``: ``selected``, ``valid``.
+  the sampling estimators. ``stats``: ``selected``, ``valid``. Draws nothing: ``init`` and
+  ``attend`` ignore their optional ``key``.
 
   Args:
     sinks: number of leading tokens kept.
@@ -90,14 +92,15 @@ def streaming(sinks: int = 4, local: int = 64) -> Estimator:
   if sinks + local == 0:
     raise ValueError("streaming needs sinks + local > 0, got sinks=0 and local=0")
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     del index, key
     check_query(q, cache)
     return _attend(q, cache)
 
   @jax.jit
   def _attend(q, cache):
+    cache, over = within_capacity(cache)
     out, lse, count = exact_part(q, cache, sinks, local)
-    return make_result(q, out, lse, jnp.broadcast_to(count, lse.shape), cache)
+    return make_result(q, out, lse, jnp.broadcast_to(count, lse.shape), cache, over)
 
   return Estimator(no_index, keep_index, attend)

@@ -23,7 +23,7 @@ from sparse_attn.attention import attend_rows, combine_lse, group_queries
 from sparse_attn.attention import make_result, row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_cache, check_query, keep_index
-from sparse_attn.types import no_index
+from sparse_attn.types import donated_index_hint, no_index, within_capacity
 
 
 def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, local: int = 64,
@@ -43,8 +43,10 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
 
   Returns:
     An ``Estimator`` (its index is the predictor's state); ``stats``: ``selected``,
-    ``valid``, ``read_all_keys``. When the predictor scores a GQA group alike
-    (``"spotlight"``), the group shares one selection and its rows are gathered once.
+    ``valid``, ``read_all_keys``. Keys: ``attend`` draws nothing; ``init`` consumes its
+    ``key`` only with ``predictor="simhash"`` (the planes; then required). When the
+    predictor scores a GQA group alike (``"spotlight"``), the group shares one selection
+    and its rows are gathered once.
   """
   if (k is None) == (fraction is None):
     raise ValueError(f"give exactly one of k or fraction, got k={k!r}, fraction={fraction!r}")
@@ -65,10 +67,12 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
   def attend(q, cache, index, key=None):
     del key
     check_query(q, cache)
-    return _attend(q, cache, index)
+    with donated_index_hint():
+      return _attend(q, cache, index)
 
   @jax.jit
   def _attend(q, cache, index):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     capacity = keys.shape[2]
     qg = group_queries(q, keys.shape[1])
@@ -97,7 +101,8 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
     selected = jnp.broadcast_to(jnp.sum(top_mask, -1).astype(jnp.float32) + exact, lse.shape)
-    return make_result(q, out, lse, selected, cache,
+    return make_result(q, out, lse, selected, cache, over,
+                       predictors.nonfinite_keys(index, scores, length),
                        read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
 
   return Estimator(init, pred.append, attend)
@@ -122,6 +127,7 @@ def topp(p: float) -> Estimator:
 
   @jax.jit
   def _attend(q, cache):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     scores = row_scores(group_queries(q, keys.shape[1]), keys)
     positions = jnp.arange(keys.shape[2], dtype=jnp.int32)[None, None, None, :]
@@ -134,7 +140,9 @@ def topp(p: float) -> Estimator:
     threshold = jnp.take_along_axis(ordered, jnp.maximum(count - 1, 0), axis=-1)
     mask = valid & (scores >= threshold)
     out, lse = softmax_attend(scores, mask, values)
-    return make_result(q, out, lse, jnp.sum(mask, -1).astype(jnp.float32), cache,
+    nonfinite = jnp.any(valid & ~jnp.isfinite(scores), axis=-1)
+    return make_result(q, out, lse, jnp.sum(mask, -1).astype(jnp.float32), cache, over,
+                       nonfinite,
                        read_all_keys=jnp.ones(lse.shape, jnp.bool_))
 
   return Estimator(no_index, keep_index, attend)

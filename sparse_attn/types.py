@@ -6,7 +6,8 @@ Shapes: batch ``B``, query heads ``Hq``, KV heads ``Hkv`` (``Hq % Hkv == 0``, GQ
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import contextlib
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,16 @@ class AttentionResult(NamedTuple):
       ``sum_i exp(q.k_i / sqrt(D))``; ``-inf`` where no token entered.
     density: ``float32 [B, Hq]``, the fraction of valid tokens that entered the estimate.
     stats: dict of ``[B, Hq]`` arrays (diagnostics; see each estimator).
-      Every estimator reports ``selected`` (tokens that entered) and ``valid`` (valid
-      tokens), so that ``merge`` can recompute ``density``.
+      Every estimator reports ``selected`` (tokens that entered), ``valid`` (valid tokens,
+      at most ``S``), so that ``merge`` can recompute ``density``, and ``over_capacity``
+      (bool: a traced ``length > S``, clamped to ``S``; eagerly it raises).
+
+  Edges, the same for every estimator, eagerly and under ``jit``: a row with ``length == 0``
+  gives ``out = 0``, ``lse = -inf``, ``density = 0``. A valid token whose key has a NaN or
+  inf entry gives ``out = NaN`` and ``lse = NaN`` on every query head of its KV head
+  (estimators that score or index every key flag it wherever it is; ``streaming`` and
+  ``uniform``, which read only the rows they attend, when they read it); the other heads are
+  unaffected, and ``out`` and ``lse`` are NaN together or not at all.
   """
 
   out: jax.Array
@@ -51,10 +60,14 @@ class AttentionResult(NamedTuple):
 class Estimator(NamedTuple):
   """An attention estimator as a triple of pure functions (optax style).
 
-  ``index = init(cache, key)`` builds the estimator's state at prefill;
+  ``index = init(cache, key=None)`` builds the estimator's state at prefill;
   ``index = append(index, cache)`` extends it after new tokens were written to ``cache``;
-  ``res = attend(q, cache, index, key)`` returns an ``AttentionResult``.
+  ``res = attend(q, cache, index, key=None)`` returns an ``AttentionResult``.
   Configuration lives in the factory's closure; arrays live in ``index``.
+
+  Keys: both are optional; an estimator that draws randomness at that step raises a
+  ``ValueError`` naming ``key`` when it is missing. Each factory's docstring says which key
+  it consumes (init's: hash planes; attend's: samples).
   """
 
   init: Callable[[KVCache, jax.Array], Any]
@@ -62,9 +75,11 @@ class Estimator(NamedTuple):
   attend: Callable[[jax.Array, KVCache, Any, jax.Array], AttentionResult]
 
 
-def no_index(cache: KVCache, key: jax.Array) -> tuple[()]:
-  """``init`` of an estimator that keeps no index (dense, streaming, the oracles)."""
-  del cache, key
+def no_index(cache: KVCache, key: jax.Array | None = None) -> tuple[()]:
+  """``init`` of an estimator that keeps no index (dense, streaming, the oracles): checks
+  ``cache`` like every ``init``, draws nothing."""
+  del key
+  check_cache(cache)
   return ()
 
 
@@ -107,10 +122,23 @@ def check_cache(cache: KVCache, name: str = "cache") -> None:
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     lengths = None
   if lengths is not None:
-    if lengths.min() <= 0 or lengths.max() > capacity:
+    if lengths.min() < 0 or lengths.max() > capacity:
       raise ValueError(
-          f"{name}.length must lie in [1, S={capacity}] for every batch row (an empty cache "
-          f"has nothing to attend to), got {lengths.tolist()}")
+          f"{name}.length must lie in [0, S={capacity}] for every batch row (0: an empty row, "
+          f"valid), got {lengths.tolist()}")
+
+
+def within_capacity(cache: KVCache) -> tuple[KVCache, jax.Array]:
+  """``(cache, over)``: ``cache`` with ``length`` clamped to ``[0, S]``, and ``bool [B]``, True
+  where a row's ``length`` exceeded the capacity ``S``.
+
+  What every estimator does with a traced ``length > S`` (eagerly, ``check_cache`` raises):
+  it attends over the ``S`` stored tokens and reports ``stats["over_capacity"]``, rather than
+  read past the cache or loop for tokens that can never arrive.
+  """
+  capacity = cache.keys.shape[2]
+  over = cache.length > capacity
+  return cache._replace(length=jnp.clip(cache.length, 0, capacity).astype(cache.length.dtype)), over
 
 
 def check_query(q: jax.Array, cache: KVCache, name: str = "q") -> int:
@@ -132,10 +160,29 @@ def check_query(q: jax.Array, cache: KVCache, name: str = "q") -> int:
   return q.shape[1] // num_kv_heads
 
 
-def check_key(key: jax.Array, name: str = "key") -> None:
-  """Raises ``ValueError`` unless ``key`` is a single JAX PRNG key."""
+@contextlib.contextmanager
+def donated_index_hint(name: str = "index") -> Iterator[None]:
+  """Re-raises JAX's "Array has been deleted" (a ``RuntimeError``, or a ``ValueError`` when
+  the buffer reaches an executable) with the likely cause: ``append`` donates its ``index``
+  (updates it in place), so only the index it returns may be used afterwards."""
+  try:
+    yield
+  except (RuntimeError, ValueError) as error:
+    if "deleted" not in str(error):
+      raise
+    kind = ValueError if isinstance(error, ValueError) else RuntimeError
+    raise kind(
+        f"{str(error).rstrip('.')}. An estimator's append donates its {name} (its buffers "
+        f"are updated in place): after `{name} = est.append({name}, cache)` use only the "
+        f"returned {name}, never the one passed in") from error
+
+
+def check_key(key: jax.Array | None, name: str = "key", purpose: str = "") -> None:
+  """Raises ``ValueError`` unless ``key`` is a single JAX PRNG key; ``purpose`` says what the
+  estimator draws from it (for the message when it is missing)."""
   if key is None:
-    raise ValueError(f"{name} must be a jax.random key, got None")
+    why = f" ({purpose})" if purpose else ""
+    raise ValueError(f"{name} must be a jax.random key{why}, got None")
   shape = key.shape if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key.shape[:-1]
   if shape != ():
     raise ValueError(f"{name} must be a single jax.random key, got shape {tuple(key.shape)}")

@@ -77,7 +77,8 @@ from sparse_attn import importance, predictors, selection, split_policy
 from sparse_attn.attention import attend_rows, combine_lse, gather_rows, group_queries
 from sparse_attn.attention import make_result, row_scores
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.types import Estimator, check_cache, check_key, check_query
+from sparse_attn.types import Estimator, check_cache, check_key, check_query, within_capacity
+from sparse_attn.types import donated_index_hint
 
 GUARANTEES = ("denominator", "numerator", "output")
 
@@ -191,7 +192,9 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
       8.8%) and not with 128 (11.5% against 10.7%).
 
   Returns:
-    An ``Estimator``; ``attend`` needs a PRNG key. ``stats``: ``selected``, ``valid``,
+    An ``Estimator``. Keys: ``attend`` consumes its ``key`` (the base and final samples;
+    required); ``init`` consumes its ``key`` only with the ``"simhash"`` predictor or
+    proposal (the planes), and otherwise draws nothing. ``stats``: ``selected``, ``valid``,
     ``topk``, ``residual`` (n_s), ``base`` (m0; with a code proposal, its draws plus the
     certain slice), ``budget`` (b: sampled tokens beyond the top-k),
     ``budget_clipped``, ``read`` (tokens whose rows were read beyond the predictor: exact
@@ -254,14 +257,15 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
   pred = predictors.make(predictor, **({} if bits is None else {"bits": bits}), sinks=sinks,
                          local=local, hash_params=hash_params, norms=proposal != "uniform")
 
-  def init(cache, key):
+  def init(cache, key=None):
     check_cache(cache)
     return pred.init(cache, key)
 
-  def attend(q, cache, index, key):
+  def attend(q, cache, index, key=None):
     check_query(q, cache)
-    check_key(key)
-    return (_attend_importance if sampled else _attend)(q, cache, index, key)
+    check_key(key, purpose="vattention's attend draws its samples from it")
+    with donated_index_hint():
+      return (_attend_importance if sampled else _attend)(q, cache, index, key)
 
   def scored(q, cache, index):
     """``(qg [B, Hkv, G, D], predictor scores [B, Hkv, G, S], residual mask, same shape)``."""
@@ -274,6 +278,7 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
 
   @jax.jit
   def _attend(q, cache, index, key):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     capacity = keys.shape[2]
     qg, scores, residual = scored(q, cache, index)
@@ -328,12 +333,14 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     read = exact + b_used + m0.astype(jnp.float32) - overlap(base_pos, base_mask, final_pos,
                                                              final_mask, capacity)
     return make_result(
-        q, out, lse, exact + b_used, cache, topk=top_count, residual=n_sf,
+        q, out, lse, exact + b_used, cache, over,
+        predictors.nonfinite_keys(index, scores, length), topk=top_count, residual=n_sf,
         base=m0.astype(jnp.float32), budget=b_used, budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys))
 
   @jax.jit
   def _attend_importance(q, cache, index, key):
+    cache, over = within_capacity(cache)
     keys, values, length = cache
     capacity, head_dim = keys.shape[2:]
     qg, scores, residual = scored(q, cache, index)
@@ -402,7 +409,8 @@ def vattention(epsilon: float | None = None, delta: float | None = None, *, sink
     read = exact_count + taken + m0.astype(jnp.float32) - overlap(base_pos, base_mask, pos, mask,
                                                                          capacity)
     return make_result(
-        q, out, lse, exact_count + taken, cache, topk=top, residual=n_sf,
+        q, out, lse, exact_count + taken, cache, over,
+        predictors.nonfinite_keys(index, scores, length), topk=top, residual=n_sf,
         base=m0.astype(jnp.float32), budget=taken - top,
         budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys),

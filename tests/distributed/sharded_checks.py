@@ -100,6 +100,7 @@ def main() -> None:
   report["topk"] = topk
   report["others"] = others(q, cache, mesh, key)
   report["2-D meshes"] = two_d(q, cache, key)
+  report["edges"] = edges(q, cache, mesh, key)
   report["vattention coverage"] = coverage(mesh)
   report["generate"] = generate(mesh)
   print(json.dumps(report))
@@ -128,6 +129,42 @@ def others(q, cache, mesh, key) -> dict:
     density = np.asarray(res.density)
     out[name] = {"finite": bool(jnp.isfinite(res.out).all()),
                  "density_min": float(density.min()), "density_max": float(density.max())}
+  return out
+
+
+def edges(q, cache, mesh, key) -> dict:
+  """An empty row (length 0) and a row past the capacity (under jit), sharded: out 0, lse
+  -inf, density 0 and nothing NaN on the empty row, eagerly and under jit; the row past the
+  capacity flagged and equal to the one at the capacity."""
+  caps = dict(center_keys=False, max_selected=1.0, max_candidates=40.0)
+  makes = {"dense": (lambda s: sa.dense(), 0),
+           "magicpig": (lambda s: sa.magicpig(K=8, L=40, sinks=s, local=0, **caps), 4),
+           "vattention": (lambda s: sa.vattention(0.1, 0.1, sinks=s, local=0), 4)}
+  empty = cache._replace(length=jnp.array([CAPACITY, 0], jnp.int32))
+  over = cache._replace(length=jnp.array([CAPACITY + 9, 0], jnp.int32))
+  out = {}
+  for name, (make, sinks) in makes.items():
+    est = dist.sharded(make, mesh, sinks=sinks, local=64)
+    placed = dist.shard_cache(empty, mesh)
+    index = est.init(placed, key)
+    for mode, attend in (("eager", est.attend), ("jit", jax.jit(est.attend))):
+      res = attend(q, placed, index, key)
+      row = {"out": np.asarray(res.out[1], np.float32), "lse": np.asarray(res.lse[1]),
+             "density": np.asarray(res.density[1])}
+      nan = any(bool(jnp.isnan(jnp.asarray(x, jnp.float32)).any())
+                for x in [res.out, res.lse, res.density, *res.stats.values()])
+      out[f"{name} empty {mode}"] = {
+          "ok": bool((row["out"] == 0).all() and (row["lse"] == -np.inf).all()
+                     and (row["density"] == 0).all()) and not nan}
+    res = jax.jit(est.attend)(q, dist.shard_cache(over, mesh), index, key)
+    at_capacity = jax.jit(est.attend)(q, placed, index, key)
+    out[f"{name} over capacity"] = {
+        "flag": np.asarray(res.stats["over_capacity"][:, 0]).tolist(),
+        "out": relative(res.out[0], at_capacity.out[0])}
+    if name != "vattention":  # draws nothing: the key is optional, as on one device
+      out[f"{name} no key"] = {"out": relative(est.attend(q, placed, est.init(placed, None if
+                                                 name == "dense" else key)).out[0],
+                                               at_capacity.out[0])}
   return out
 
 

@@ -78,5 +78,15 @@ def test_every_estimator_runs_sharded(report, name):
   assert r["finite"] and 0.0 < r["density_min"] <= r["density_max"] <= 1.0, r
 
 
+@pytest.mark.parametrize("name", ["dense", "magicpig", "vattention"])
+def test_sharded_empty_rows_and_capacity(report, name):
+  for mode in ("eager", "jit"):
+    assert report["edges"][f"{name} empty {mode}"]["ok"], report["edges"]
+  r = report["edges"][f"{name} over capacity"]
+  assert r["flag"] == [True, False] and r["out"] <= 1e-6, r
+  if name != "vattention":
+    assert report["edges"][f"{name} no key"]["out"] <= 1e-6, report["edges"]
+
+
 def test_sharded_output_guarantee_is_refused(report):
   assert report["others"]["vattention output"]["refused"]

@@ -70,7 +70,7 @@ def test_merge_of_two_halves_equals_whole():
 
 def test_merge_with_an_empty_part_under_jit():
   q, cache = random_problem(4, lengths=(96, 40, 10))
-  empty = cache._replace(length=jnp.zeros_like(cache.length))  # only legal when traced
+  empty = cache._replace(length=jnp.zeros_like(cache.length))  # empty rows are valid
   merged = jax.jit(lambda q, a, b: sa.merge([sa.dense_attention(q, a), sa.dense_attention(q, b)]))(
       q, cache, empty)
   whole = sa.dense_attention(q, cache)
@@ -87,8 +87,8 @@ def test_merge_with_an_empty_part_under_jit():
     (lambda q, c: (q, c._replace(values=c.values[:, :, :10])), r"cache.values must have"),
     (lambda q, c: (q, c._replace(length=c.length[:2])), r"cache.length must have shape \[B\]"),
     (lambda q, c: (q, c._replace(length=c.length.astype(jnp.float32))), "integer array"),
-    (lambda q, c: (q, c._replace(length=jnp.array([96, 0, 3], jnp.int32))), "empty cache"),
-    (lambda q, c: (q, c._replace(length=jnp.array([97, 1, 3], jnp.int32))), r"\[1, S=96\]"),
+    (lambda q, c: (q, c._replace(length=jnp.array([96, -1, 3], jnp.int32))), r"\[0, S=96\]"),
+    (lambda q, c: (q, c._replace(length=jnp.array([97, 1, 3], jnp.int32))), r"\[0, S=96\]"),
     (lambda q, c: (q, sa.KVCache(c.keys[:, :, :0], c.values[:, :, :0], c.length)),
      "cache is empty"),
     (lambda q, c: (q, tuple(c)), "must be a sparse_attn.KVCache"),

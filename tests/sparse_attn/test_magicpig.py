@@ -194,8 +194,9 @@ def test_jit_of_the_whole_decode_step_and_bad_arguments():
   res = step(q, cache, jax.random.PRNGKey(13))
   eager = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(13)), None)
   np.testing.assert_allclose(np.asarray(res.out), np.asarray(eager.out), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="K must be <= 16"):
-    sa.magicpig(K=17)
+  for K in (0, 17):  # one message, the real range
+    with pytest.raises(ValueError, match=r"K \(bits per table\) must be in \[1, 16\]"):
+      sa.magicpig(K=K)
   with pytest.raises(ValueError, match="max_selected must be a fraction"):
     sa.magicpig(max_selected=1.5)
   with pytest.raises(ValueError, match="key must be a single jax.random key"):
@@ -204,3 +205,61 @@ def test_jit_of_the_whole_decode_step_and_bad_arguments():
     est.append(est.init(cache, jax.random.PRNGKey(0)),
                sa.KVCache(cache.keys[:, :, :256], cache.values[:, :, :256],
                           jnp.minimum(cache.length, 256)))
+
+
+def test_reusing_a_donated_index_says_so():
+  q, cache = small_problem()
+  est = sa.magicpig(**SMALL)
+  index = est.init(cache, jax.random.PRNGKey(1))
+  grown = cache._replace(length=jnp.minimum(cache.length + 1, cache.keys.shape[2]))
+  new = est.append(index, grown)  # donates index
+  with pytest.raises((RuntimeError, ValueError), match="append donates its index"):
+    est.attend(q, grown, index)
+  with pytest.raises((RuntimeError, ValueError), match="append donates its index"):
+    est.append(index, grown)
+  assert np.isfinite(np.asarray(est.attend(q, grown, new).out)).all()
+
+
+def test_unbiased_over_plane_seeds_when_max_selected_binds():
+  # A deliberately small cap: about 11 of the ~40-80 qualified tokens per query are kept,
+  # subsampled uniformly and weighted by qualified / kept (two-stage Horvitz-Thompson), so
+  # D_hat and N_hat stay unbiased over the random planes and the second stage. 400 seeds;
+  # z-tests as in the test above: |z| <= 3 for each of the 2 denominators (false alarm 0.27%
+  # each) and |z| <= 4 for each of the 2*32 numerator components (about 0.4% in all). Keeping
+  # the first tokens instead (the old rule) biases D_hat by far more than 3 standard errors.
+  seeds = 400
+  q, cache = synthetic.llm_like(jax.random.PRNGKey(7), batch=1, num_kv_heads=1, group=2,
+                                capacity=1024, head_dim=32, query_scale=0.7)
+  est = sa.magicpig(K=6, L=20, sinks=4, local=16, max_selected=0.01, max_candidates=20.0)
+  exact_out, exact_lse = ref.dense_attention(q, cache.keys, cache.values, cache.length)
+
+  @jax.jit
+  def one(key):
+    res = est.attend(q, cache, est.init(cache, key), None)
+    return (res.out, res.lse, res.stats["selected_overflow"], res.stats["bucket_overflow"],
+            res.stats["sampled"])
+
+  outs, lses, overflow, dropped, sampled = jax.lax.map(
+      one, jax.random.split(jax.random.PRNGKey(8), seeds))
+  assert float(jnp.max(dropped)) == 0 and float(jnp.min(overflow)) > 0  # only this cap binds
+  np.testing.assert_array_equal(np.asarray(sampled), math.ceil(0.01 * 1024))
+  ratio = np.exp(ref.f64(lses) - exact_lse)  # D_hat / D
+  se = ratio.std(0, ddof=1) / math.sqrt(seeds)
+  assert np.all(np.abs(ratio.mean(0) - 1) <= 3 * se), (ratio.mean(0), se)
+  num = ratio[..., None] * ref.f64(outs)  # N_hat / D
+  z = (num.mean(0) - exact_out) / (num.std(0, ddof=1) / math.sqrt(seeds))
+  assert np.abs(z).max() <= 4, np.abs(z).max()
+
+
+def test_attend_key_draws_only_the_second_stage():
+  q, cache = small_problem()
+  index = sa.magicpig(**SMALL).init(cache, jax.random.PRNGKey(1))
+  below = sa.magicpig(**SMALL)  # caps off: the key changes nothing
+  a, b = (below.attend(q, cache, index, k) for k in (None, jax.random.PRNGKey(5)))
+  np.testing.assert_array_equal(np.asarray(a.out), np.asarray(b.out))
+  capped = sa.magicpig(**{**SMALL, "max_selected": 0.01})
+  a, b = (capped.attend(q, cache, index, k) for k in (jax.random.PRNGKey(4), jax.random.PRNGKey(5)))
+  assert float(jnp.min(a.stats["selected_overflow"])) > 0
+  assert not np.array_equal(np.asarray(a.out), np.asarray(b.out))
+  again = capped.attend(q, cache, index, jax.random.PRNGKey(4))
+  np.testing.assert_array_equal(np.asarray(a.out), np.asarray(again.out))

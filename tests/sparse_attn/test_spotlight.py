@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import sparse_attn as sa
 from sparse_attn import hash_heads, synthetic, train
@@ -116,3 +117,43 @@ def test_spotlight_through_the_pallas_kernels_in_interpret_mode(monkeypatch):
   est = sa.spotlight(params)
   reference = est.attend(q, cache, est.init(cache))
   np.testing.assert_array_equal(np.asarray(with_kernels.out), np.asarray(reference.out))
+
+
+def test_fit_hash_heads_learning_rate_and_one_redraw_per_step(monkeypatch):
+  import inspect
+
+  import tqdm.auto
+  assert inspect.signature(train.fit_hash_heads).parameters["learning_rate"].default == 1e-3
+  params0 = hash_heads.init_params(jax.random.PRNGKey(1), 2, 32)
+  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+    train.fit_hash_heads(params0, [], steps=1, key=jax.random.PRNGKey(0), learning_rate=0.0)
+
+  class Counting(tqdm.auto.tqdm):  # draws at every update (no time throttle), counted
+    draws = 0
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})
+
+    def refresh(self, *args, **kwargs):
+      Counting.draws += 1
+      return super().refresh(*args, **kwargs)
+
+  monkeypatch.setattr(tqdm.auto, "tqdm", Counting)
+  q, k = synthetic.hidden_structure(jax.random.PRNGKey(0), length=64, head_dim=32)
+  steps = 5
+  fits = [train.fit_hash_heads(params0, [(q, k)], steps=steps, key=jax.random.PRNGKey(2),
+                               learning_rate=lr, progress=progress)[0]
+          for lr, progress in ((1e-2, True), (1e-3, False))]
+  assert not np.array_equal(np.asarray(fits[0]["w"]), np.asarray(fits[1]["w"]))
+  # One draw per step and one at the close (2 per step when set_postfix refreshed too).
+  assert 1 <= Counting.draws <= steps + 1, Counting.draws
+
+
+def test_spotlight_reusing_a_donated_index_says_so():
+  q, cache = problem()
+  est = sa.spotlight(trained_like_params())
+  index = est.init(cache)
+  grown = cache._replace(length=jnp.array([1024, 701], jnp.int32))
+  est.append(index, grown)
+  with pytest.raises((RuntimeError, ValueError), match="append donates its index"):
+    est.attend(q, grown, index)
