@@ -143,7 +143,8 @@ def check_equal(interpret: bool) -> list[dict]:
   def kept_diff():
     args = (scores, length, *plan, 4, 16, 128, 256)
     got = kp.kept_positions_kernel(*args, interpret=interpret)
-    return max_diff(jnp.where(slots, got, 0), jnp.where(slots, kp.kept_positions_reference(*args), 0))
+    want = kp.kept_positions_reference(*args)
+    return max_diff(jnp.where(slots, got, 0), jnp.where(slots, want, 0))
 
   rows.append({"kernel": "kept_positions", "dtype": "uint32 (int32 positions)",
                "max_diff": attempt(kept_diff)})

@@ -16,9 +16,9 @@ timed by ``benchmarks/torch_flash_decode.py`` in the same device run.
 Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by bisection,
 by ``lax.top_k``, by score histograms and by the kept-positions kernel; Spotlight without
 its append; ``*_kept`` variants select with the kernels not yet verified on a device
-(``backend.PENDING``). ``--methods`` lists the variants run (the dense
-kernel's block-size sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json``
-after every row (a run cut short still reports).
+(``backend.PENDING``). ``--methods`` lists the variants run (the dense kernel's block-size
+sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json`` after
+every row (a run cut short still reports).
 
   python benchmarks/gpu_decode.py --json $OUT/gpu_decode.json          # on the device
   python benchmarks/gpu_decode.py --small                              # CPU smoke test
@@ -102,7 +102,6 @@ DENSE_VARIANTS = (
 
 def compiler_patch(stages: int):
   """The backend's Triton compiler params with ``num_stages=stages``."""
-  from pallas_kernels import backend
   default = backend.compiler_params
 
   def params():
