@@ -47,8 +47,10 @@ def run(saved: dict | None) -> dict:
             else sa.hash_heads.init_params(jax.random.PRNGKey(3), KV, D))
   results = {"params_w": params["w"], "params_b": params["b"]}
   for name, pred, est in (
-      ("spotlight", predictors.spotlight(params), sa.spotlight(params, fraction=0.02)),
-      ("topk_simhash", predictors.simhash(), sa.topk(fraction=0.02, predictor="simhash"))):
+      ("spotlight", predictors.spotlight(params).scorer(0, 0),
+       sa.spotlight(params, fraction=0.02)),
+      ("topk_simhash", predictors.simhash().scorer(4, 64),  # topk's window: sinks 4, local 64
+       sa.topk(fraction=0.02, predictor=predictors.simhash()))):
     state = pred.init(cache, jax.random.PRNGKey(4))
     index = est.init(cache, jax.random.PRNGKey(4))
     results[f"{name}_codes"] = state.codes

@@ -76,7 +76,7 @@ def methods(params, which) -> dict:
     every[name] = (None, lambda q, c, i, k, blocks=blocks: da.decode_attention_kernel(
         q, *c, block_sizes=blocks)[0], compiler_patch(stages))
   estimators = {"spotlight": lambda: sa.spotlight(params, fraction=0.02),
-                "topk_simhash": lambda: sa.topk(fraction=0.02, predictor="simhash")}
+                "topk_simhash": lambda: sa.topk(fraction=0.02, predictor=sa.predictors.simhash())}
   for name, make in estimators.items():
     # A fresh estimator per variant: its jitted attend caches the trace of its selection.
     for suffix, patch in (("", no_patch), ("_bisect", bisect), ("_kept", pending)):

@@ -99,12 +99,13 @@ def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict
       "density": density if inside else float(dens[order][0 if density < dens.min() else -1]),
       "read": density, "grid": grid, "interpolated": bool(inside)}
   common = dict(density=density, guarantee="output", **window)
-  out["vattention uniform"] = run(sa.vattention(**common), cfg.seeds)
+  out["vattention uniform"] = run(sa.vattention_importance(proposal=None, **common), cfg.seeds)
   for unbiased, suffix in ((True, ""), (False, " least-error")):
     for name in ("simhash", "spotlight"):
-      params = dict(hash_params=hash_params) if name == "spotlight" else {}
+      codes = (sa.predictors.simhash(bits=1024) if name == "simhash" else
+               sa.predictors.spotlight(hash_params))
       row = f"vattention {name}" if unbiased else name + suffix
-      out[row] = run(sa.vattention(proposal=name, unbiased=unbiased, **params, **common),
+      out[row] = run(sa.vattention_importance(proposal=codes, unbiased=unbiased, **common),
                      cfg.seeds)
   return out
 

@@ -108,9 +108,12 @@ def make_method(name: str, cfg: Config, hash_params: dict | None) -> sa.Estimato
     extra = {}
     if " slice=" in name:  # a proposal's certain slice, e.g. "... slice=512"
       extra["certain_slice"] = int(name.rsplit(" slice=", 1)[1])
-    return sa.vattention(cfg.epsilon, cfg.delta, guarantee="output", proposal=proposal,
-                         hash_params=hash_params if proposal == "spotlight" else None,
-                         **window, **extra)
+    if proposal == "uniform":
+      return sa.vattention(cfg.epsilon, cfg.delta, guarantee="output", **window, **extra)
+    codes = (sa.predictors.simhash(bits=1024) if proposal == "simhash" else
+             sa.predictors.spotlight(hash_params))
+    return sa.vattention_importance(cfg.epsilon, cfg.delta, guarantee="output", proposal=codes,
+                                    **window, **extra)
   if name.startswith(("spotlight", "linear hash")):
     return sa.spotlight(hash_params, fraction=ORACLE_FRACTION, **window)
   raise ValueError(f"unknown method {name!r}; choose from {list(FULL_METHODS)}")

@@ -19,6 +19,7 @@ from sparse_attn.spotlight import spotlight
 from sparse_attn.streaming import streaming
 from sparse_attn.topk import topk, topp
 from sparse_attn.vattention import vattention
+from sparse_attn.vattention_importance import vattention_importance
 from sparse_attn.types import AttentionResult, Estimator, KVCache
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "distributed",
     "hash_heads", "hash_tables", "key_index", "lsh", "magicpig", "merge", "predictors",
     "spotlight", "streaming", "synthetic", "topk", "topp", "train", "uniform", "vattention",
+    "vattention_importance",
 ]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_attention, sparse_decode_attention
 from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, keep_index, no_index
-from sparse_attn.types import within_capacity
+from sparse_attn.types import configured, within_capacity
 
 # float32 products stay float32 on every backend (GPUs would otherwise use TF32, whose
 # 10-bit mantissa alone costs ~1e-3 relative error). Decode attention is memory-bound,
@@ -252,6 +252,7 @@ def merge(results: Sequence[AttentionResult]) -> AttentionResult:
   return AttentionResult(out, merged_lse, density.astype(jnp.float32), stats)
 
 
+@configured
 def dense() -> Estimator:
   """The exact estimator: ``dense_attention`` behind the ``Estimator`` interface. Draws
   nothing: ``init`` and ``attend`` ignore their optional ``key``."""

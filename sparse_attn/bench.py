@@ -45,11 +45,11 @@ def estimators(cfg: Config) -> dict[str, sa.Estimator]:
   every = {
       "magicpig": sa.magicpig(K=10, L=150),
       "spotlight": sa.spotlight(params, fraction=0.02),
-      "topk_simhash": sa.topk(fraction=0.02, predictor="simhash"),
+      "topk_simhash": sa.topk(fraction=0.02, predictor=sa.predictors.simhash()),
       "vattention": sa.vattention(0.05, 0.05),
-      "vattention_simhash": sa.vattention(0.05, 0.05, proposal="simhash"),
-      "vattention_spotlight": sa.vattention(0.05, 0.05, proposal="spotlight",
-                                            hash_params=params),
+      "vattention_simhash": sa.vattention_importance(0.05, 0.05),
+      "vattention_spotlight": sa.vattention_importance(
+          0.05, 0.05, proposal=sa.predictors.spotlight(params)),
       "streaming": sa.streaming(),
   }
   return {name: every[name] for name in cfg.methods}

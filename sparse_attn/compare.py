@@ -92,7 +92,9 @@ class Problem:
       self._exact[scale] = sa.dense_attention(self.q(scale), self.cache)
     return self._exact[scale]
 
-  def matched(self, density: float, predictor: str = "oracle") -> dict[str, sa.Estimator]:
+  def matched(self, density: float,
+              predictor: sa.predictors.Predictor = sa.predictors.oracle()
+              ) -> dict[str, sa.Estimator]:
     """Uniform sampling and top-k with the given average density."""
     cfg = self.cfg
     n = cfg.length
@@ -155,7 +157,7 @@ def run(cfg: Config = Config(), log=print) -> dict:
       q, cache, indices["magicpig K=10 L=150"], key).density.mean())
   for kind, est in problem.matched(base_density).items():
     methods[f"{kind} (same density)"] = est
-  methods["topk simhash 128b (same k)"] = problem.matched(base_density, predictor="simhash")[
+  methods["topk simhash 128b (same k)"] = problem.matched(base_density, predictor=sa.predictors.simhash())[
       "topk"]
   methods["topp p=0.9 (oracle)"] = sa.topp(0.9)
   for guarantee in ("denominator", "output"):

@@ -52,7 +52,8 @@ from jax.sharding import PartitionSpec as P
 from sparse_attn.attention import gather_rows, group_queries, make_result, merge, row_scores
 from sparse_attn.attention import softmax_attend
 from sparse_attn.streaming import check_window
-from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, within_capacity
+from sparse_attn.types import AttentionResult, Estimator, KVCache, check_query, configured
+from sparse_attn.types import within_capacity
 from sparse_attn.vattention import vattention
 
 AXIS = "seq"
@@ -144,6 +145,7 @@ def _without(result: AttentionResult, rows: jax.Array) -> AttentionResult:
       density=jnp.where(drop, 0.0, result.density), stats=stats)
 
 
+@configured
 def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int = 4,
             local: int = 64, axis: str = AXIS, batch_axis: str | None = None,
             head_axis: str | None = None) -> Estimator:
@@ -253,6 +255,7 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
   return Estimator(init, append, attend)
 
 
+@configured
 def sharded_vattention(epsilon: float, delta: float, mesh: Mesh, *, sinks: int = 4,
                        local: int = 64, axis: str = AXIS, batch_axis: str | None = None,
                        head_axis: str | None = None, guarantee: str = "denominator",

@@ -1,98 +1,51 @@
-r"""vAttention's importance-sampling residual: sampling shaped by hash codes.
+r"""Proxies and samplers of vAttention's importance-sampling residual
+(``sa.vattention_importance``; derivations and measurements: ``docs/importance.md``).
 
-``sa.vattention(..., proposal="simhash" | "spotlight")`` (and every proposal with
-``density=``) replaces vAttention's fixed top-k plus uniform residual by a per-head choice
-among candidates. Each residual token ``i`` (valid, outside the sinks and the local window)
-has a *proxy* :math:`p_i` of its score :math:`s_i = q \cdot k_i / \sqrt D`, computed from the
-predictor's codes and one stored key norm (``score_proxy``): the fraction :math:`h_i` of
-matching code bits estimates the angle :math:`\theta_i = \pi (1 - h_i)` between the query and
-the hashed key, so :math:`p_i = (\|q\| \|k_i - \mu\| \cos\theta_i + q \cdot \mu) / \sqrt D`, where
-SimHash hashes keys centred on :math:`\mu` (Spotlight: :math:`\mu = 0`). The shift
-:math:`q \cdot \mu` does not change a proposal (a per-query constant) but puts the proxies on
-the scale of the exact scores they are ranked against once the base has read some. Per token and KV
-head that is the code plus a bfloat16 norm (2 bytes): 130 bytes with the SimHash proposal's
-1024 bits, 18 with Spotlight's ``D = 128`` learned bits, against ``2 D = 256`` (bfloat16) or
-``4 D = 512`` (float32) bytes for the key alone. Nothing reads every key.
-
-**Code length.** ``b`` SimHash bits give the angle with a standard error of about
-:math:`\pi \sqrt{h (1 - h) / b}` (0.14 rad at 90 degrees for ``b = 128``), so the proxy errs
-by about :math:`\|q\| \|k - \mu\| \sin\theta` times that, over :math:`\sqrt D`: 1.2 for
-128 bits on the LLM-shaped synthetic heads at query scale 0.5, whose bulk scores have a
-standard deviation of 0.75 (the proxy is mostly noise there), 0.42 for 1024. Hence
-``SIMHASH_PROPOSAL_BITS``; ``bits=`` trades it for memory. Relative output errors at 2% / 5%
-density (``python -m sparse_attn equal-density`` cells, 128 against 1024 bits): synthetic
-scale 0.5, 0.155 / 0.096 against 0.112 / 0.068; scale 1, 0.074 / 0.039 against 0.024 /
-0.013; reference model layers 2 / 3 at 5% with ``unbiased=False``, 0.247 / 0.308 against
-0.216 / 0.257 (512 bits: 0.118 / 0.071 at scale 0.5, 0.221 / 0.264 on the model). MagicPIG
-holds ``K L`` = 800 to 1500 bits per token at those densities. The 128K decode step on 2 CPU
-cores (``python -m sparse_attn bench``, ``(0.05, 0.05)``) took 1.01x / 1.04x / 1.13x
-vAttention's time with 128 / 512 / 1024 bits (one run).
+**Proxies.** Each residual token ``i`` (valid, outside the sinks and the local window) has a
+proxy :math:`p_i` of its score :math:`s_i = q \cdot k_i / \sqrt D` from the proposal's codes and
+one stored key norm (``score_proxy``): the fraction :math:`h_i` of matching code bits estimates
+the angle :math:`\theta_i = \pi (1 - h_i)` between the query and the hashed key, so
+:math:`p_i = (\|q\| \|k_i - \mu\| \cos\theta_i + q \cdot \mu) / \sqrt D`, where SimHash hashes
+keys centred on :math:`\mu` (Spotlight: :math:`\mu = 0`). Per token and KV head that is the
+code plus a bfloat16 norm; nothing reads every key. ``b`` SimHash bits give the angle with a
+standard error of about :math:`\pi \sqrt{h (1 - h) / b}`, hence 1024 bits by default.
 
 **Candidates.** A threshold :math:`t` (tokens with :math:`p_i \ge t` form the *top part*,
 attended exactly with weight 1) and a sampler for the rest :math:`R_t` (:math:`n_r` tokens):
 
 * *uniform* (temperature 0): ``b`` tokens drawn uniformly without replacement from
-  :math:`R_t`, weight :math:`n_r / b` (the estimate of ``sparse_attn.vattention``);
+  :math:`R_t`, weight :math:`n_r / b`;
 * *Poisson* (temperature :math:`\tau > 0`): token ``i`` enters independently with probability
   :math:`\pi_i = \min(1, c\,(a_i + \lambda \bar a))`, :math:`a_i = e^{\tau (p_i - \max p)}`,
-  weight :math:`1/\pi_i` (Horvitz-Thompson). :math:`\lambda` (``mix``) is a defensive uniform
-  share (:math:`\bar a` the mean of :math:`a` over the residual): no probability falls below
-  :math:`c \lambda \bar a`, so a token the codes misjudge cannot blow up the variance.
+  weight :math:`1/\pi_i` (Horvitz-Thompson); :math:`\lambda` (``mix``) is a defensive uniform
+  share, so no probability falls below :math:`c \lambda \bar a`.
 
-The temperatures are ``TEMPERATURES``; which candidate a head takes, and how large its sample
-is, is ``sparse_attn.split_policy``'s choice, made on the base sample below.
+The temperatures are ``TEMPERATURES``; ``sparse_attn.split_policy`` picks a head's candidate
+and size on the base sample.
 
 **Unbiasedness.** The final draw uses fresh uniforms, independent of the base sample that
 chose the candidate and its size; given those, both samplers give :math:`E \hat Y =
-\sum_R y_i` for every :math:`y` (every :math:`\pi_i > 0`), so the numerator and the
-denominator are unbiased (the output is their ratio).
+\sum_R y_i` for every :math:`y` (every :math:`\pi_i > 0`).
 
-**Base sample.** ``m0`` tokens (``base_rate`` of the residual, at least ``min_base``) drawn by
-Poisson sampling with probabilities :math:`\rho_i` from a pilot proposal
-(``BASE_TEMPERATURE``, ``base_sample``), and beside them a *certain slice*: the
-``certain_slice`` (default ``min_base``) tokens of largest proxy, with :math:`\rho_i = 1`
-(``largest_tokens``). All are read exactly.
-Residual totals of any per-token quantity ``f`` are estimated as
-:math:`\sum_{\text{base}} f_i / \rho_i` (unbiased), with the estimated variance
-:math:`\sum (1 - \rho_i) f_i^2 / \rho_i^2`. A uniform base of a heavy-tailed head usually
-misses the few tokens that dominate the variance, and its variance estimate is then far too
-small (the failure of the uniform residual with the SimHash predictor). The pilot proposal
-puts more base tokens where the codes expect large scores; the certain slice makes sure of
-the likeliest ones, and with their exact scores (below) the top part holds them. On the
-reference model's real attention (1K tokens, where the slice doubles the base) the slice
-took the SimHash proposal's output guarantee on layers 2-3 from 14.1% / 11.6% failures to
-7.8% / 6.2% (bound about 9%), and its least-error estimate at 2% density from 0.63 / 0.69 to
-0.52 / 0.56 (``benchmarks/eval_vattention_guarantee.py``, ``python -m sparse_attn
-equal-density``; 128 SimHash bits). By default it is ``min_base`` tokens and not ``m0``: at
-128K tokens a slice of ``m0`` (2,600, then picked by bisection) made the decode step 1.7x
-vAttention's time; 128 tokens by ``lax.top_k`` keep it at 1.1x. The Spotlight proposal's
-coarser proxies (the reference model's ``D = 32`` learned bits) need more on real attention:
-with 128, layer 3 fails its output guarantee (11.5% against a bound of 10.7%); with
-``certain_slice=512`` every layer holds (2.4 / 4.0 / 4.4 / 2.8%) and the errors on layers 2-3
-fall from 0.20 / 0.22 to 0.073 / 0.099, at half the context read (1K tokens).
+**Base sample.** ``m0`` tokens drawn by Poisson sampling with probabilities :math:`\rho_i`
+from a pilot proposal (``BASE_TEMPERATURE``, ``base_sample``), and a *certain slice* of the
+``certain_slice`` tokens of largest proxy with :math:`\rho_i = 1` (``largest_tokens``), all
+read exactly. Residual totals of a per-token ``f`` are estimated as
+:math:`\sum_{\text{base}} f_i / \rho_i`, with variance estimate
+:math:`\sum (1 - \rho_i) f_i^2 / \rho_i^2`. The base's exact scores replace their tokens'
+proxies (``sharpened``: under ``(epsilon, delta)`` only where :math:`\rho_i = 1`, since the
+others also stand for unread tokens); Spotlight's proxies are first mapped onto the scores'
+scale by the least-squares line through the base (``calibrated``).
 
-**Exact scores of the base (SimHash).** The base reads its tokens' keys, so their proxies are
-replaced by their exact scores (``sharpened``) before the policy: the top part and the
-proposals then rank them exactly. The final draw stays unbiased whatever the base changed (it
-only fixes the design that the fresh uniforms then draw from). The SimHash proxy estimates
-the score itself. Spotlight's learned codes give an angle that is not on the scores' scale
-(mixed in as they are, the base tokens outranked every other token on the synthetic heads:
-error 0.62 against 0.12 at 2%), so its proxies are first mapped onto it by the least-squares
-line from the base's proxies to their exact scores (``calibrated``; for SimHash the same fit
-helped some cells and hurt others, and is not used). Under
-``(epsilon, delta)`` only the tokens the base drew with probability 1 are replaced: each of
-the others also stands for residual tokens the base did not read, whose proxies the variance
-estimates must keep. ``density`` claims no bound and replaces them all.
-
-**The draw.** The base only estimates a Poisson head's expected size: ``residual_estimate``
-lowers :math:`c` until the exact expected size over every residual token is within the limit
-(under ``(epsilon, delta)`` that is flagged as a clip), so the static sample list does not
+**The draw.** ``residual_estimate`` lowers :math:`c` until a Poisson head's exact expected
+size is within the limit (a clip under ``(epsilon, delta)``), so the static list does not
 overflow.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,28 +53,29 @@ import jax.numpy as jnp
 from sparse_attn import selection
 from sparse_attn.attention import attend_rows
 
-PROPOSALS = ("uniform", "simhash", "spotlight")
 TEMPERATURES = (0.0, 0.5, 1.0)
 BASE_TEMPERATURE = 0.5  # the pilot proposal that draws the base sample
-SIMHASH_PROPOSAL_BITS = 1024  # the SimHash proposal's code length (module docstring)
 
 
-def score_proxy(qg: jax.Array, state, similarity: jax.Array, bits: int) -> jax.Array:
+def score_proxy(qg: jax.Array, norms: jax.Array, similarity: jax.Array, bits: int,
+                key_mean: jax.Array | None = None) -> jax.Array:
   """Estimated scores ``p [B, Hkv, G, S]`` from code similarities.
 
   Args:
     qg: ``float32 [B, Hkv, G, D]`` queries.
-    state: a predictor state with ``norms [B, Hkv, S]`` (built with ``norms=True``).
+    norms: ``[B, Hkv, S]`` the norm of each hashed key (a predictor state's ``norms``).
     similarity: ``int [B, Hkv, G, S]`` matching bits (summed over the group for Spotlight;
       ``bits`` counts them all); negative for tokens not hashed yet, which get ``p = 0``.
     bits: the largest similarity.
+    key_mean: ``[B, Hkv, D]`` the mean the keys were centred on before hashing (SimHash),
+      or None.
   """
   frac = similarity.astype(jnp.float32) / bits
   cos = jnp.where(similarity >= 0, jnp.cos(math.pi * (1.0 - frac)), 0.0)
   q_norm = jnp.linalg.norm(qg, axis=-1, keepdims=True)
-  p = q_norm * state.norms[:, :, None, :].astype(jnp.float32) * cos
-  if hasattr(state, "key_mean"):  # SimHash hashed k - mu: add q . mu back
-    p = p + jnp.einsum("bhgd,bhd->bhg", qg, state.key_mean)[..., None]
+  p = q_norm * norms[:, :, None, :].astype(jnp.float32) * cos
+  if key_mean is not None:  # SimHash hashed k - mu: add q . mu back
+    p = p + jnp.einsum("bhgd,bhd->bhg", qg, key_mean)[..., None]
   return p / math.sqrt(qg.shape[-1])
 
 
@@ -228,6 +182,22 @@ def inclusion(above, a, log_c):
   return jnp.where(above, 1.0, jnp.minimum(1.0, jnp.exp(log_c)[..., None] * a))
 
 
+class ResidualSample(NamedTuple):
+  """The residual's estimate: ``out, lse``, the weighted partial result; ``positions, mask``
+  ``[B, Hkv, G, size]``, the sample; ``top``, its certain (top part) tokens; ``overflow``,
+  tokens that did not fit the list; ``expected``, the expected sample size; ``lowered``,
+  whether ``c`` was lowered to fit the limit."""
+
+  out: jax.Array
+  lse: jax.Array
+  positions: jax.Array
+  mask: jax.Array
+  top: jax.Array
+  overflow: jax.Array
+  expected: jax.Array
+  lowered: jax.Array
+
+
 def residual_estimate(q, cache, p, residual, policy, a, limit, key, size: int):
   """Fits a Poisson head's expected size, draws the residual sample by the policy and
   attends over it.
@@ -249,10 +219,7 @@ def residual_estimate(q, cache, p, residual, policy, a, limit, key, size: int):
     size: the static list size.
 
   Returns:
-    ``(out, lse, positions, mask, top, overflow, expected, lowered)``: the weighted partial
-    result, the sample (positions ``[B, Hkv, G, size]`` and mask), the number of certain
-    (top) tokens, of tokens that did not fit the list, the expected sample size, and whether
-    ``c`` was lowered.
+    A ``ResidualSample``.
   """
   above = p >= policy.threshold[..., None]
   top = jnp.sum(residual & above, -1)
@@ -292,7 +259,7 @@ def residual_estimate(q, cache, p, residual, policy, a, limit, key, size: int):
   out, lse = attend_rows(q, cache, positions, jnp.sum(mask, -1, dtype=jnp.int32), log_pi)
   expected = jnp.where(policy.uniform, top.astype(jnp.float32) + b,
                        jnp.sum(jnp.where(residual, pi, 0.0), -1))
-  return out, lse, positions, mask, top, overflow, expected, lowered
+  return ResidualSample(out, lse, positions, mask, top, overflow, expected, lowered)
 
 
 def list_size(fraction: float, capacity: int) -> int:

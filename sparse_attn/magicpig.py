@@ -52,7 +52,7 @@ from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queri
 from sparse_attn.attention import make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, KVCache, check_cache, check_key, check_query
-from sparse_attn.types import donated_index_hint, within_capacity
+from sparse_attn.types import configured, donated_index_hint, within_capacity
 
 
 class MagicPigIndex(NamedTuple):
@@ -87,6 +87,7 @@ class MagicPigIndex(NamedTuple):
   subsample_key: jax.Array
 
 
+@configured
 def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
              local: int = 64, center_keys: bool = True, planes_per_head: bool = False,
              max_selected: float | None = None, max_candidates: float | None = None,

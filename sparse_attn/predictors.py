@@ -1,20 +1,27 @@
 r"""Predictors that rank cached tokens for a decode query (for top-k selection).
 
-A predictor scores every valid token; the top-k estimators then attend exactly (with the true
-keys) over the best-ranked ones. Names:
+A predictor is a value: ``sa.topk(fraction=0.02, predictor=sa.predictors.simhash(bits=128))``.
+It scores every valid token; the top-k estimators then attend exactly (with the true keys)
+over the best-ranked ones. The predictors:
 
-* ``"oracle"``: the exact scores ``q . k / sqrt(D)``. It reads every key, so it is an upper
+* ``oracle()``: the exact scores ``q . k / sqrt(D)``. It reads every key, so it is an upper
   bound on what a fast predictor can reach, not a fast method.
-* ``"simhash"``: Hamming similarity of ``bits``-bit SimHash codes of the query and of the
+* ``simhash(bits)``: Hamming similarity of ``bits``-bit SimHash codes of the query and of the
   centred keys (``sparse_attn.lsh``), packed LSB-first into uint32 words. Reads ``bits / 8``
   bytes per token instead of ``2 D`` or ``4 D``. Its expectation is monotone in the angle
   between ``q`` and the centred key: ``bits * (1 - theta / pi)``.
-* ``"spotlight"``: Hamming similarity of learned ``D``-bit codes (``sparse_attn.hash_heads``),
-  summed over the GQA group, so every query of a group ranks tokens alike.
+* ``spotlight(params)``: Hamming similarity of learned ``D``-bit codes
+  (``sparse_attn.hash_heads``), summed over the GQA group, so every query of a group ranks
+  tokens alike.
+
+A value is a frozen configuration (equal settings compare and hash equal; Spotlight's by the
+identity of its ``params``); an estimator turns it into a ``Scorer`` (its functions) with
+``scorer(sinks, local, norms)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -25,11 +32,9 @@ from sparse_attn import hash_heads, key_index, lsh
 from sparse_attn.attention import row_scores
 from sparse_attn.types import KVCache, check_key, donated_index_hint, within_capacity
 
-NAMES = ("oracle", "simhash", "spotlight")
 
-
-class Predictor(NamedTuple):
-  """``state = init(cache, key)``; ``state = append(state, cache)``;
+class Scorer(NamedTuple):
+  """A predictor's functions: ``state = init(cache, key)``; ``state = append(state, cache)``;
   ``scores(qg [B, Hkv, G, D], cache, state) -> [B, Hkv, G, S]`` (float32 or int32)."""
 
   init: Callable[[KVCache, jax.Array], Any]
@@ -40,6 +45,9 @@ class Predictor(NamedTuple):
   # ``(group, head_dim) -> (lo, hi)``: integer scores lie in [lo, hi] (selection may count
   # instead of bisecting); None for float scores.
   score_range: Callable[[int, int], tuple[int, int]] | None = None
+  # ``state -> [B, Hkv, D]``: the mean the keys were centred on before hashing (SimHash), or
+  # None (uncentred codes).
+  key_mean: Callable[[Any], jax.Array] | None = None
 
 
 class SimHashState(NamedTuple):
@@ -96,15 +104,15 @@ def filled(state, cache: KVCache, derive, floats_per_token: int):
   return restored(state, new, cache.length, first)
 
 
-def nonfinite_keys(state, scores: jax.Array, length: jax.Array) -> jax.Array:
+def nonfinite_keys(scorer: Scorer, state, scores: jax.Array, length: jax.Array) -> jax.Array:
   """``bool [B, Hkv, G or 1]``: a valid token of the KV head has a non-finite key.
 
   From the state's record (hashing predictors: no pass over the keys) or, for the oracle,
   from its exact ``scores [B, Hkv, G, S]`` (a non-finite key gives a non-finite score).
   """
-  first = getattr(state, "first_nonfinite", None)
-  if first is not None:
-    return key_index.has_nonfinite(first, jnp.minimum(state.length, length))[..., None]
+  if not scorer.reads_all_keys:
+    return key_index.has_nonfinite(state.first_nonfinite,
+                                   jnp.minimum(state.length, length))[..., None]
   positions = jnp.arange(scores.shape[-1], dtype=jnp.int32)[None, None, None, :]
   valid = positions < length[:, None, None, None]
   return jnp.any(valid & ~jnp.isfinite(scores), axis=-1)
@@ -131,28 +139,18 @@ def code_appender(derive, append_chunk: int):
   return append
 
 
-def oracle() -> Predictor:
-  """Exact scores (reads every key)."""
-  return Predictor(
+def _oracle_scorer() -> Scorer:
+  return Scorer(
       init=lambda cache, key: (),
       append=lambda state, cache: state,
       scores=lambda qg, cache, state: row_scores(qg, cache.keys),
       reads_all_keys=True)
 
 
-def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int = 16,
-            norms: bool = False) -> Predictor:
-  """SimHash codes of centred keys, ranked by Hamming similarity.
-
-  Args:
-    bits: code length, a positive multiple of 32.
-    sinks, local: the exact set, left out of the centring mean.
-    append_chunk: tokens hashed per step of ``append``'s loop.
-    norms: also store each centred key's norm (``SimHashState.norms``, 2 bytes per token),
-      for score estimates (``sparse_attn.importance``).
-  """
-  if not isinstance(bits, int) or bits < 32 or bits % 32:
-    raise ValueError(f"bits must be a positive multiple of 32, got {bits!r}")
+def _simhash_scorer(bits: int, sinks: int, local: int, append_chunk: int,
+                    norms: bool) -> Scorer:
+  """SimHash codes of centred keys (``sinks`` and ``local``, the exact set, left out of the
+  centring mean), ranked by Hamming similarity."""
   words = bits // 32
 
   def hash_keys(keys, state_planes, key_mean):
@@ -183,8 +181,9 @@ def simhash(bits: int = 128, sinks: int = 4, local: int = 64, append_chunk: int 
                               state.length)
 
   append = code_appender(derive, append_chunk)
-  return Predictor(init, append, scores, reads_all_keys=False,
-                   score_range=lambda group, head_dim: (-1, bits))
+  return Scorer(init, append, scores, reads_all_keys=False,
+                score_range=lambda group, head_dim: (-1, bits),
+                key_mean=lambda state: state.key_mean)
 
 
 class SpotlightState(NamedTuple):
@@ -199,10 +198,8 @@ class SpotlightState(NamedTuple):
   first_nonfinite: jax.Array | None = None
 
 
-def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Predictor:
-  """Learned hash codes (Spotlight), scored by Hamming similarity summed over the group;
-  ``norms``: also store each key's norm (2 bytes per token)."""
-  hash_heads.check_params(params)
+def _spotlight_scorer(params: dict, append_chunk: int, norms: bool) -> Scorer:
+  """Learned hash codes (Spotlight), scored by Hamming similarity summed over the group."""
   derive = with_norms(lambda state, rows: (rows, hash_heads.hash(state.params, rows)), norms)
 
   def init(cache, key=None):
@@ -227,21 +224,105 @@ def spotlight(params: dict, append_chunk: int = 16, norms: bool = False) -> Pred
     return jnp.broadcast_to(sim[:, :, None, :], (batch, num_kv, group, sim.shape[-1]))
 
   append = code_appender(derive, append_chunk)
-  return Predictor(init, append, scores, reads_all_keys=False, shared_by_group=True,
+  return Scorer(init, append, scores, reads_all_keys=False, shared_by_group=True,
                    score_range=lambda group, head_dim: (-1, group * head_dim))
 
 
-def make(name: str, bits: int = 128, sinks: int = 4, local: int = 64,
-         hash_params: dict | None = None, norms: bool = False) -> Predictor:
-  """The predictor called ``name`` (one of ``NAMES``); ``hash_params`` for "spotlight";
-  ``norms``: the hashing predictors also store key norms."""
-  if name == "oracle":
-    return oracle()
-  if name == "simhash":
-    return simhash(bits=bits, sinks=sinks, local=local, norms=norms)
-  if name == "spotlight":
-    if hash_params is None:
-      raise ValueError('predictor "spotlight" needs hash_params (sa.hash_heads.init_params, '
-                       "trained with sa.train.fit_hash_heads)")
-    return spotlight(hash_params, norms=norms)
-  raise ValueError(f"predictor must be one of {NAMES}, got {name!r}")
+class Predictor:
+  """A predictor's configuration; ``scorer(sinks, local, norms)`` builds its functions.
+
+  ``sinks, local``: the estimator's exact window (SimHash leaves it out of its centring mean);
+  ``norms``: also store each hashed key's norm (2 bytes per token) for score estimates
+  (``sparse_attn.importance``).
+  """
+
+  reads_all_keys: bool = False
+
+  def scorer(self, sinks: int, local: int, norms: bool = False) -> Scorer:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Oracle(Predictor):
+  """The exact scores (reads every key)."""
+
+  reads_all_keys = True
+
+  def scorer(self, sinks, local, norms=False):
+    del sinks, local, norms
+    return _oracle_scorer()
+
+
+@dataclasses.dataclass(frozen=True)
+class SimHash(Predictor):
+  """SimHash codes of centred keys: ``bits``, a positive multiple of 32; ``append_chunk``,
+  tokens hashed per step of ``append``'s loop."""
+
+  bits: int = 128
+  append_chunk: int = 16
+
+  def __post_init__(self):
+    if not isinstance(self.bits, int) or self.bits < 32 or self.bits % 32:
+      raise ValueError(f"bits must be a positive multiple of 32, got {self.bits!r}")
+    _check_chunk(self.append_chunk)
+
+  def scorer(self, sinks, local, norms=False):
+    return _simhash_scorer(self.bits, sinks, local, self.append_chunk, norms)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Spotlight(Predictor):
+  """Learned hash codes: ``params`` of ``sa.hash_heads.init_params`` (trained with
+  ``sa.train.fit_hash_heads``). Two values are equal when they hold the same ``params``
+  object (arrays are not compared by value)."""
+
+  params: dict
+  append_chunk: int = 16
+
+  def __post_init__(self):
+    hash_heads.check_params(self.params)
+    _check_chunk(self.append_chunk)
+
+  def __eq__(self, other):
+    return (type(other) is Spotlight and other.params is self.params
+            and other.append_chunk == self.append_chunk)
+
+  def __hash__(self):
+    return hash((Spotlight, id(self.params), self.append_chunk))
+
+  def scorer(self, sinks, local, norms=False):
+    del sinks, local
+    return _spotlight_scorer(self.params, self.append_chunk, norms)
+
+
+def _check_chunk(append_chunk):
+  if not isinstance(append_chunk, int) or append_chunk < 1:
+    raise ValueError(f"append_chunk must be a positive int, got {append_chunk!r}")
+
+
+def oracle() -> Oracle:
+  """The exact scores ``q . k / sqrt(D)`` (reads every key: an upper bound, not a fast
+  method)."""
+  return Oracle()
+
+
+def simhash(bits: int = 128, append_chunk: int = 16) -> SimHash:
+  """SimHash codes of ``bits`` bits of the centred keys, ranked by Hamming similarity; the
+  planes are drawn from ``init``'s key."""
+  return SimHash(bits, append_chunk)
+
+
+def spotlight(params: dict, append_chunk: int = 16) -> Spotlight:
+  """Learned Spotlight codes of ``params`` (this layer's hash heads), ranked by Hamming
+  similarity summed over the GQA group."""
+  return Spotlight(params, append_chunk)
+
+
+def check(predictor, name: str = "predictor") -> Predictor:
+  """``predictor`` if it is a predictor value; else a ``ValueError`` that says how to build
+  one."""
+  if not isinstance(predictor, Predictor):
+    raise ValueError(
+        f"{name} must be a predictor value such as sa.predictors.oracle(), "
+        f"sa.predictors.simhash(bits=128) or sa.predictors.spotlight(params), got {predictor!r}")
+  return predictor

@@ -17,9 +17,10 @@ from sparse_attn import selection
 from sparse_attn.attention import attend_rows, combine_lse, make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_key, check_query, keep_index, no_index
-from sparse_attn.types import within_capacity
+from sparse_attn.types import configured, within_capacity
 
 
+@configured
 def uniform(rate: float, sinks: int = 4, local: int = 64) -> Estimator:
   """Bernoulli(``rate``) sampling of the residual, weights ``1/rate``.
 

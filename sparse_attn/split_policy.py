@@ -8,17 +8,18 @@ The thresholds put an estimated ``TOP_FRACTIONS`` of the residual in the top par
 :math:`n_r^2 (1/b - 1/n_r) \sigma_r^2` (uniform) or :math:`\sum_{R_t} \frac{1 - \pi_i}{\pi_i}
 \|y_i\|^2` (Poisson; the trace for vector :math:`y`), with :math:`y_i` = :math:`e_i`,
 :math:`e_i v_i` or :math:`e_i (v_i - \hat o)` for the ``denominator``, ``numerator`` and
-``output`` guarantees as in ``sparse_attn.vattention``, and both are estimated from the base
+``output`` guarantees as in ``sparse_attn.budget``, and both are estimated from the base
 sample. Each estimate is raised by ``UCB`` (3) of its own standard errors: the estimate of a
 heavy-tailed variance from a few hundred draws is itself very uncertain, and picking the
 cheapest of many candidates favours those whose variance was underestimated. The CLT then
 turns :math:`z \sqrt{\operatorname{Var}} \le \epsilon T` into the guarantee, with the
-chi-square bound for the vector cases (``sparse_attn.vattention``). For the ``output``
+chi-square bound for the vector cases (``sparse_attn.budget``). For the ``output``
 guarantee the delta method also needs :math:`\hat D \approx D`, so the denominator's bound
 :math:`z \sqrt{\operatorname{Var} \hat D} \le \epsilon \hat D` is required as well (without
 it a head whose base saw one dominant token could sample nothing else and miss it).
-:math:`\operatorname{Var}` falls as ``b`` or :math:`c` grows; ``b`` has a closed form (as in
-``vattention``, at least ``min_base``) and :math:`c` comes from a bisection on :math:`\log c`.
+:math:`\operatorname{Var}` falls as ``b`` or :math:`c` grows; ``b`` has a closed form
+(``budget.finite_population_size``, at least ``min_base``) and :math:`c` comes from a
+bisection on :math:`\log c`.
 
 **Top-only (``unbiased=False``, ``density`` only).** One more candidate: the ``density``
 budget's worth of largest (sharpened) proxies, attended exactly, and no residual sample. Its
@@ -27,11 +28,8 @@ total, scaled for the ``output`` quantity by :math:`(\hat D / \hat D_{kept})^2` 
 total ``Y`` moves the output by :math:`Y / D_{kept}`); the candidate of least score wins, and
 the estimate is then biased. The squared norm overestimates the bias^2 by the total's
 variance on average, and is kept so: the variances it competes with carry ``UCB`` standard
-errors, and with that variance subtracted (an unbiased bias^2, clipped at 0) the top part
-won heads where it was worse. On the LLM-shaped synthetic heads at query scale 0.25
-and 0.5 the biased choice then lost to the unbiased estimate (0.121 / 0.157 against
-0.113 / 0.112 at 2%, 1024 SimHash bits); on the reference model it moved no cell by more than
-1%.
+errors (with the variance subtracted the top part won heads where it was worse;
+``docs/importance.md``).
 
 **Split policy.** With ``(epsilon, delta)``: per query head, the candidate with the fewest
 expected tokens (top part + sample) that meets the bound(s); when even that exceeds
@@ -51,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attn import selection
+from sparse_attn.budget import finite_population_size
 from sparse_attn.importance import defended, proposal_weight
 
 TOP_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.04)
@@ -105,22 +104,50 @@ def upper(terms: jax.Array, weights: jax.Array, rho: jax.Array) -> jax.Array:
   return total + UCB * jnp.sqrt(var)
 
 
-def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, temperatures,
-           mix, *, target_vars=None, size=None, cap=None, min_uniform: int = 2,
-           unbiased: bool = True, d_hat=None) -> Policy:
+class Proxies(NamedTuple):
+  """Every token's proxy and the proposals built from them.
+
+  Attributes:
+    p, residual: ``[L..., S]`` proxies and residual mask of every token.
+    p_max: ``[L...]`` the largest proxy over the residual.
+    weights_by_tau: from ``importance.tempered``, for every positive temperature.
+    temperatures: static tuple; ``0`` is the fixed-size uniform candidate, the others
+      Poisson proposals.
+    mix: the proposals' defensive uniform share.
+  """
+
+  p: jax.Array
+  residual: jax.Array
+  p_max: jax.Array
+  weights_by_tau: dict
+  temperatures: tuple
+  mix: float
+
+
+class BaseSample(NamedTuple):
+  """The base sample the policy is chosen on.
+
+  Attributes:
+    positions, rho, mask: ``[L..., M]`` positions, inclusion probabilities and mask of the
+      base tokens.
+    ys: a sequence of ``[L..., M, dy]`` quantities on them (zero outside the mask) whose
+      residual totals must be estimated: the guaranteed one first (the only one in
+      ``density`` mode).
+  """
+
+  positions: jax.Array
+  rho: jax.Array
+  mask: jax.Array
+  ys: list
+
+
+def choose(proxies: Proxies, base: BaseSample, *, target_vars=None, size=None, cap=None,
+           min_uniform: int = 2, unbiased: bool = True, d_hat=None) -> Policy:
   """The split policy (module docstring) on the base sample.
 
   Args:
-    p, residual: ``[L..., S]`` proxies and residual mask of every token.
-    base_pos, rho, base_mask: ``[L..., M]`` positions, inclusion probabilities and mask of
-      the base tokens.
-    ys: a tuple of ``[L..., M, dy]`` quantities on them (zero outside the mask) whose
-      residual totals must be estimated: the guaranteed one first (the only one in
-      ``density`` mode).
-    p_max: ``[L...]`` the largest proxy over the residual.
-    weights_by_tau: from ``tempered``, for every positive temperature.
-    temperatures: static tuple; ``0`` is the fixed-size uniform candidate, the others
-      Poisson proposals.
+    proxies: the tokens' proxies and proposals.
+    base: the base sample and the quantities on it.
     target_vars: per ``ys`` entry ``[L...]``, the variance bound of its estimate
       (``(epsilon, delta)`` mode: every bound must hold), or None.
     size: ``[L...]`` the expected residual tokens to read (``density`` mode), or None.
@@ -134,6 +161,8 @@ def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, tem
       ``ys[1]`` is the denominator's): dropping a residual total ``Y`` moves the output by
       ``Y / D_kept``, not ``Y / D``, so its score is scaled by ``(D / D_kept)^2``.
   """
+  p, residual, p_max, weights_by_tau, temperatures, mix = proxies
+  base_pos, rho, base_mask, ys = base
   weights = jnp.where(base_mask, 1.0 / jnp.where(base_mask, rho, 1.0), 0.0)
   n_s = jnp.sum(residual, -1)
   p_base = jnp.take_along_axis(p, base_pos, axis=-1)
@@ -214,8 +243,7 @@ def choose(p, residual, base_pos, rho, base_mask, ys, p_max, weights_by_tau, tem
     for sigma2, target in zip(sigma2s, target_vars):
       n0 = jnp.where(target[..., None] > 0, n_r**2 * sigma2 / jnp.where(
           target > 0, target, 1.0)[..., None], jnp.inf)
-      safe = jnp.where(n0 > 0, n0, 1.0)
-      need = jnp.where(n0 > 0, n_r / (1.0 + (n_r - 1.0) / safe), 0.0)
+      need = finite_population_size(n0, n_r)
       b = jnp.maximum(b, jnp.minimum(jnp.ceil(need), n_r))
     _, log_c = bisect(lambda var, cost: functools.reduce(jnp.logical_or, [
         v > t[..., None, None] for v, t in zip(var, target_vars)]))

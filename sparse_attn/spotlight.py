@@ -11,13 +11,15 @@ overlap (IoU) of its top set with the exact one, which training raises.
 
 from __future__ import annotations
 
+from sparse_attn import predictors
 from sparse_attn.topk import topk
-from sparse_attn.types import Estimator
+from sparse_attn.types import Estimator, configured
 
 
+@configured
 def spotlight(params: dict, fraction: float = 0.02, min_tokens: int = 20, sinks: int = 0,
               local: int = 0) -> Estimator:
-  """Spotlight estimator: ``sa.topk`` with the ``"spotlight"`` predictor and its keep rule.
+  """Spotlight estimator: ``sa.topk`` with the Spotlight predictor and its keep rule.
 
   Args:
     params: hash-head parameters of this layer (``sa.hash_heads.init_params``, trained with
@@ -32,4 +34,4 @@ def spotlight(params: dict, fraction: float = 0.02, min_tokens: int = 20, sinks:
     ``valid``, ``read_all_keys`` (False).
   """
   return topk(fraction=fraction, min_tokens=min_tokens, sinks=sinks, local=local,
-              predictor="spotlight", hash_params=params)
+              predictor=predictors.spotlight(params))

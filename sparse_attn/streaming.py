@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from sparse_attn.attention import gather_rows, group_queries, make_result, row_scores
 from sparse_attn.attention import softmax_attend
 from sparse_attn.types import Estimator, KVCache, check_query, keep_index, no_index
-from sparse_attn.types import within_capacity
+from sparse_attn.types import configured, within_capacity
 
 
 def check_window(sinks: int, local: int) -> None:
@@ -77,6 +77,7 @@ def exact_part(q: jax.Array, cache: KVCache, sinks: int, local: int):
   return out, lse, jnp.sum(mask, axis=-1).astype(jnp.float32)
 
 
+@configured
 def streaming(sinks: int = 4, local: int = 64) -> Estimator:
   """StreamingLLM: exact attention over the sinks and the local window only.
 

@@ -2,7 +2,7 @@
 
 ``topk`` keeps the sinks, the local window and the ``k`` residual tokens ranked highest by
 a predictor (``sparse_attn.predictors``), and attends exactly (true keys) over them. With
-the ``"oracle"`` predictor the ranking is the exact ``q . k``, so it reads the whole cache:
+the oracle predictor the ranking is the exact ``q . k``, so it reads the whole cache:
 an upper bound on what a fast top-k predictor can reach, not a fast method
 (``stats["read_all_keys"]`` says so). ``topp`` is the oracle's top-p: the smallest set
 holding attention mass at least ``p``.
@@ -22,12 +22,13 @@ from sparse_attn import predictors, selection
 from sparse_attn.attention import attend_rows, combine_lse, group_queries
 from sparse_attn.attention import make_result, row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
-from sparse_attn.types import Estimator, check_cache, check_query, keep_index
+from sparse_attn.types import Estimator, check_cache, check_query, configured, keep_index
 from sparse_attn.types import donated_index_hint, no_index, within_capacity
 
 
+@configured
 def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, local: int = 64,
-         predictor: str = "oracle", bits: int = 128, hash_params: dict | None = None,
+         predictor: predictors.Predictor = predictors.oracle(),
          min_tokens: int = 0) -> Estimator:
   """Top-k estimator.
 
@@ -36,17 +37,16 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     fraction: keep ``max(min(n, min_tokens), ceil(fraction * n))`` for the ``n`` valid
       tokens of each row.
     sinks, local: sizes of the exact set.
-    predictor: how tokens are ranked, one of ``predictors.NAMES``.
-    bits: code length of the ``"simhash"`` predictor.
-    hash_params: trained hash heads of the ``"spotlight"`` predictor.
+    predictor: how tokens are ranked: ``sa.predictors.oracle()`` (exact scores, reads every
+      key), ``sa.predictors.simhash(bits=128)`` or ``sa.predictors.spotlight(params)``.
     min_tokens: with ``fraction``, keep at least ``min(n, min_tokens)`` tokens.
 
   Returns:
     An ``Estimator`` (its index is the predictor's state); ``stats``: ``selected``,
     ``valid``, ``read_all_keys``. Keys: ``attend`` draws nothing; ``init`` consumes its
-    ``key`` only with ``predictor="simhash"`` (the planes; then required). When the
-    predictor scores a GQA group alike (``"spotlight"``), the group shares one selection
-    and its rows are gathered once.
+    ``key`` only with the SimHash predictor (the planes; then required). When the
+    predictor scores a GQA group alike (Spotlight), the group shares one selection and its
+    rows are gathered once.
   """
   if (k is None) == (fraction is None):
     raise ValueError(f"give exactly one of k or fraction, got k={k!r}, fraction={fraction!r}")
@@ -57,8 +57,7 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
   if not isinstance(min_tokens, int) or min_tokens < 0:
     raise ValueError(f"min_tokens must be a non-negative int, got {min_tokens!r}")
   check_window(sinks, local)
-  pred = predictors.make(predictor, bits=bits, sinks=sinks, local=local,
-                         hash_params=hash_params)
+  pred = predictors.check(predictor).scorer(sinks, local)
 
   def init(cache, key=None):  # only the "simhash" predictor draws from the key
     check_cache(cache)
@@ -102,12 +101,13 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
     selected = jnp.broadcast_to(jnp.sum(top_mask, -1).astype(jnp.float32) + exact, lse.shape)
     return make_result(q, out, lse, selected, cache, over,
-                       predictors.nonfinite_keys(index, scores, length),
+                       predictors.nonfinite_keys(pred, index, scores, length),
                        read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
 
   return Estimator(init, pred.append, attend)
 
 
+@configured
 def topp(p: float) -> Estimator:
   """Oracle top-p: exact attention over the smallest set of tokens holding mass >= ``p``.
 

@@ -6,8 +6,12 @@ Shapes: batch ``B``, query heads ``Hq``, KV heads ``Hkv`` (``Hq % Hkv == 0``, GQ
 
 from __future__ import annotations
 
+import collections
 import contextlib
-from typing import Any, Callable, Iterator, NamedTuple
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Hashable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +61,8 @@ class AttentionResult(NamedTuple):
   stats: dict[str, jax.Array]
 
 
-class Estimator(NamedTuple):
+@dataclasses.dataclass(frozen=True, eq=False)
+class Estimator:
   """An attention estimator as a triple of pure functions (optax style).
 
   ``index = init(cache, key=None)`` builds the estimator's state at prefill;
@@ -68,11 +73,94 @@ class Estimator(NamedTuple):
   Keys: both are optional; an estimator that draws randomness at that step raises a
   ``ValueError`` naming ``key`` when it is missing. Each factory's docstring says which key
   it consumes (init's: hash planes; attend's: samples).
+
+  Identity: a factory's estimator carries its ``config`` (the factory and its arguments), and
+  two estimators with equal configs compare and hash equal, so ``jax.jit`` with one as a
+  static argument compiles once per configuration (``configured``). Arrays among the
+  arguments (hash-head parameters) count by identity, not by value. An estimator built by
+  hand, or changed with ``_replace``, has no config and equals only itself.
   """
 
   init: Callable[[KVCache, jax.Array], Any]
   append: Callable[[Any, KVCache], Any]
   attend: Callable[[jax.Array, KVCache, Any, jax.Array], AttentionResult]
+  config: Hashable | None = None
+
+  def __eq__(self, other):
+    if self.config is None or not isinstance(other, Estimator) or other.config is None:
+      return self is other
+    return self.config == other.config
+
+  def __ne__(self, other):
+    return not self == other
+
+  def __hash__(self):
+    return id(self) if self.config is None else hash(self.config)
+
+  def _replace(self, **fields) -> Estimator:  # a changed estimator is no longer its factory's
+    return dataclasses.replace(self, **{"config": None, **fields})
+
+
+class _ByIdentity:
+  """An unhashable argument (arrays, dicts of arrays) in a config: equal only to itself."""
+
+  __slots__ = ("value",)
+
+  def __init__(self, value):
+    self.value = value
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.value is self.value
+
+  def __hash__(self):
+    return id(self.value)
+
+  def __repr__(self):
+    return f"<{type(self.value).__name__} at {id(self.value):#x}>"
+
+
+def _config_value(value):
+  try:
+    hash(value)
+  except TypeError:
+    return _ByIdentity(value)
+  return value
+
+
+_BUILT: collections.OrderedDict = collections.OrderedDict()
+_MAX_BUILT = 256  # estimators kept for reuse (least recently built dropped first)
+
+
+def configured(factory: Callable[..., Estimator]) -> Callable[..., Estimator]:
+  """Decorates an estimator factory so that equal arguments give the same ``Estimator``.
+
+  The arguments, bound to the signature with defaults applied, form the estimator's
+  ``config``; a repeated call returns the estimator already built (its jitted functions, and
+  so their compilations, are shared), and any two built from equal configs compare equal.
+  """
+  signature = inspect.signature(factory)
+  name = f"{factory.__module__}.{factory.__qualname__}"
+  var_keyword = next((p.name for p in signature.parameters.values()
+                      if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+  @functools.wraps(factory)
+  def build(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    config = (name,) + tuple((arg, _config_value(value)) for arg, value in sorted(
+        bound.arguments.items() if var_keyword is None else {
+            **bound.arguments, **bound.arguments.pop(var_keyword)}.items()))
+    built = _BUILT.get(config)
+    if built is None:
+      built = factory(*bound.args, **bound.kwargs)._replace(config=config)
+      _BUILT[config] = built
+      while len(_BUILT) > _MAX_BUILT:
+        _BUILT.popitem(last=False)
+    else:
+      _BUILT.move_to_end(config)
+    return built
+
+  return build
 
 
 def no_index(cache: KVCache, key: jax.Array | None = None) -> tuple[()]:

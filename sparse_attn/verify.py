@@ -128,9 +128,11 @@ def spotlight_params(cfg: Config, cache: sa.KVCache) -> dict:
 def estimator(cfg: Config, guarantee: str, epsilon: float, proposal: str,
               hash_params: dict | None) -> sa.Estimator:
   if proposal == "uniform":
-    return sa.vattention(epsilon, cfg.delta, guarantee=guarantee, predictor=cfg.predictor)
-  return sa.vattention(epsilon, cfg.delta, guarantee=guarantee, proposal=proposal,
-                       hash_params=hash_params)
+    predictor = {"oracle": sa.predictors.oracle, "simhash": sa.predictors.simhash}[cfg.predictor]
+    return sa.vattention(epsilon, cfg.delta, guarantee=guarantee, predictor=predictor())
+  codes = (sa.predictors.simhash(bits=1024) if proposal == "simhash" else
+           sa.predictors.spotlight(hash_params))
+  return sa.vattention_importance(epsilon, cfg.delta, guarantee=guarantee, proposal=codes)
 
 
 def run(cfg: Config = Config(), log=print) -> dict:

@@ -73,5 +73,7 @@ def test_uniform_same_key_same_result_and_validation():
     est.attend(q, cache, (), None)
   with pytest.raises(ValueError, match="exactly one of k or fraction"):
     sa.topk()
-  with pytest.raises(ValueError, match="predictor must be one of"):
-    sa.topk(k=3, predictor="psychic")
+  with pytest.raises(ValueError, match="predictor must be a predictor value"):
+    sa.topk(k=3, predictor="simhash")
+  with pytest.raises(ValueError, match="bits must be a positive multiple of 32"):
+    sa.predictors.simhash(bits=48)

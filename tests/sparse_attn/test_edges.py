@@ -26,15 +26,16 @@ ESTIMATORS = {
     "dense": (sa.dense, False),
     "streaming": (lambda: sa.streaming(4, 16), False),
     "topk": (lambda: sa.topk(fraction=0.05, sinks=4, local=16), False),
-    "topk simhash": (lambda: sa.topk(fraction=0.05, sinks=4, local=16, predictor="simhash"),
-                     False),
+    "topk simhash": (lambda: sa.topk(fraction=0.05, sinks=4, local=16,
+                                     predictor=sa.predictors.simhash()), False),
     "topp": (lambda: sa.topp(0.9), False),
     "spotlight": (lambda: sa.spotlight(PARAMS), False),
     "uniform": (lambda: sa.uniform(0.1, sinks=4, local=16), True),
     "magicpig": (lambda: sa.magicpig(K=6, L=20, sinks=4, local=16), False),
     "vattention": (lambda: sa.vattention(0.1, 0.1, sinks=4, local=16, min_base=16), True),
-    "vattention simhash": (lambda: sa.vattention(0.1, 0.1, sinks=4, local=16, min_base=16,
-                                                 proposal="simhash", bits=128), True),
+    "vattention simhash": (lambda: sa.vattention_importance(
+        0.1, 0.1, sinks=4, local=16, min_base=16, proposal=sa.predictors.simhash(bits=128)),
+                           True),
 }
 
 

@@ -30,7 +30,7 @@ def estimators():
   params = sa.hash_heads.init_params(jax.random.PRNGKey(3), 2, 32)
   return {"spotlight": sa.spotlight(params, fraction=0.05),
           "spotlight_window": sa.spotlight(params, fraction=0.05, sinks=4, local=16),
-          "topk_simhash": sa.topk(fraction=0.05, predictor="simhash", bits=64),
+          "topk_simhash": sa.topk(fraction=0.05, predictor=sa.predictors.simhash(bits=64)),
           "dense": sa.dense()}
 
 

@@ -1,4 +1,5 @@
-"""vAttention's importance-sampling residual (``proposal="simhash" | "spotlight"``, ``density``)."""
+"""vAttention's importance-sampling residual (``sa.vattention_importance``: SimHash and
+Spotlight proposals, ``density``)."""
 
 import math
 
@@ -23,12 +24,20 @@ def hash_params(cache):
                                    cache.keys.shape[3])
 
 
+def make_proposal(name, cache):
+  """The proposal called ``name``: "simhash" (1024 bits), "spotlight" or "uniform" (None)."""
+  return {"simhash": lambda: sa.predictors.simhash(bits=1024),
+          "spotlight": lambda: sa.predictors.spotlight(hash_params(cache)),
+          "uniform": lambda: None}[name]()
+
+
 def test_score_proxy_is_the_angle_estimate_times_the_norms_plus_the_centre():
   q, cache = problem()
-  pred = predictors.simhash(bits=128, norms=True)
+  pred = predictors.simhash(bits=128).scorer(4, 64, norms=True)
   state = pred.init(cache, jax.random.PRNGKey(1))
   qg = q.reshape(2, 2, 2, 32)
-  p = np.asarray(importance.score_proxy(qg, state, pred.scores(qg, cache, state), 128))
+  p = np.asarray(importance.score_proxy(qg, state.norms, pred.scores(qg, cache, state), 128,
+                                        pred.key_mean(state)))
   # float64 numpy: signs of the projections of the query and the centred keys.
   planes = ref.f64(state.planes)
   keys = ref.f64(cache.keys) - ref.f64(state.key_mean)[:, :, None, :]
@@ -170,11 +179,10 @@ def test_unbiased_numerator_and_denominator(proposal, mode):
   # right-skewed, which makes low z more frequent), |z| <= 4 for the 8*32 numerator
   # components (about 2%).
   q, cache = problem(scale=0.5)
-  params = hash_params(cache) if proposal == "spotlight" else None
   kwargs = dict(epsilon=0.1, delta=0.1, max_fraction=0.1) if mode == "guarantee" else dict(
       density=0.05)
-  est = sa.vattention(proposal=proposal, hash_params=params, base_rate=0.02, min_base=32,
-                      **kwargs)
+  est = sa.vattention_importance(proposal=make_proposal(proposal, cache), base_rate=0.02,
+                                 min_base=32, **kwargs)
   index = est.init(cache, jax.random.PRNGKey(1))
   exact_out, exact_lse = ref.dense_attention(q, cache.keys, cache.values, cache.length)
   trials = 1000
@@ -191,7 +199,7 @@ def test_unbiased_numerator_and_denominator(proposal, mode):
 def test_density_mode_reads_the_asked_fraction():
   q, cache = problem(lengths=(2048, 2048), scale=1.0)
   for density in (0.02, 0.1):
-    est = sa.vattention(density=density, proposal="simhash")
+    est = sa.vattention_importance(density=density)
     index = est.init(cache, jax.random.PRNGKey(1))
     dens = np.mean([np.asarray(est.attend(q, cache, index, jax.random.PRNGKey(s)).density)
                     for s in range(20)], axis=0)
@@ -209,7 +217,7 @@ def test_importance_needs_fewer_tokens_on_peaked_heads_and_keeps_its_promise():
                       proposal="simhash")
   scales, q, cache = verify.problem(cfg)
   exact = sa.dense_attention(q, cache)
-  est = sa.vattention(0.1, cfg.delta, guarantee="output", proposal="simhash")
+  est = sa.vattention_importance(0.1, cfg.delta, guarantee="output")
   cov = verify.coverage(cfg, est, q, cache, exact, "output", 0.1)
   assert np.all(cov["passed"]), cov
   base = verify.coverage(cfg, sa.vattention(0.1, cfg.delta, guarantee="output"), q, cache,
@@ -228,8 +236,7 @@ def test_least_error_mode_drops_the_residual_where_that_costs_less():
     exact = sa.dense_attention(q, cache).out
     errors = {}
     for unbiased in (True, False):
-      est = sa.vattention(density=0.05, proposal="simhash", guarantee="output",
-                          unbiased=unbiased)
+      est = sa.vattention_importance(density=0.05, guarantee="output", unbiased=unbiased)
       index = est.init(cache, jax.random.PRNGKey(1))
       runs = [est.attend(q, cache, index, jax.random.PRNGKey(s)) for s in range(10)]
       errors[unbiased] = np.mean([ref.relative_error(r.out, exact).mean() for r in runs])
@@ -246,7 +253,7 @@ def test_certain_slice_sets_how_many_tokens_the_base_reads_beside_its_draws():
   # slack makes a false alarm ~2e-9 per row.
   q, cache = problem(lengths=(2048, 2048))
   for slice_size in (None, 300):
-    est = sa.vattention(0.1, 0.1, proposal="simhash", certain_slice=slice_size)
+    est = sa.vattention_importance(0.1, 0.1, certain_slice=slice_size)
     res = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
     base = np.asarray(res.stats["base"])
     assert np.all(np.abs(base - 128 - (slice_size or 128)) <= 6 * math.sqrt(128)), base
@@ -256,8 +263,10 @@ def test_bf16_short_cache_and_empty_residual_no_nan():
   q, cache = problem(lengths=(2048, 50), dtype=jnp.bfloat16)
   for kwargs in (dict(epsilon=0.1, delta=0.1), dict(density=0.05)):
     for proposal in ("simhash", "spotlight", "uniform"):
-      params = hash_params(cache) if proposal == "spotlight" else None
-      est = sa.vattention(proposal=proposal, hash_params=params, **kwargs)
+      if proposal == "uniform" and "epsilon" in kwargs:
+        est = sa.vattention(**kwargs)
+      else:
+        est = sa.vattention_importance(proposal=make_proposal(proposal, cache), **kwargs)
       res = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
       assert res.out.dtype == jnp.bfloat16
       assert bool(jnp.all(jnp.isfinite(res.out.astype(jnp.float32))))
@@ -268,7 +277,7 @@ def test_bf16_short_cache_and_empty_residual_no_nan():
 
 def test_append_keeps_norms_and_matches_a_fresh_index():
   q, cache = problem(lengths=(1500, 1000))
-  est = sa.vattention(0.1, 0.1, proposal="simhash")
+  est = sa.vattention_importance(0.1, 0.1)
   grown = cache._replace(length=cache.length + 300)
   appended = est.append(est.init(cache, jax.random.PRNGKey(1)), grown)
   fresh = est.init(grown, jax.random.PRNGKey(1))
@@ -281,24 +290,29 @@ def test_append_keeps_norms_and_matches_a_fresh_index():
 
 
 def test_validation():
-  with pytest.raises(ValueError, match="proposal"):
-    sa.vattention(0.1, 0.1, proposal="lsh")
-  with pytest.raises(ValueError, match="predictor must be 'simhash'"):
-    sa.vattention(0.1, 0.1, proposal="simhash", predictor="oracle")
+  vi = sa.vattention_importance
+  with pytest.raises(ValueError, match="proposal must be"):
+    vi(0.1, 0.1, proposal="simhash")
+  with pytest.raises(ValueError, match="proposal must be"):
+    vi(0.1, 0.1, proposal=sa.predictors.oracle())
   with pytest.raises(ValueError, match="epsilon and delta"):
-    sa.vattention(proposal="simhash")
+    vi()
+  with pytest.raises(ValueError, match="with \\(epsilon, delta\\) that is sa.vattention"):
+    vi(0.1, 0.1, proposal=None)
   with pytest.raises(ValueError, match="density fixes the size"):
-    sa.vattention(0.1, 0.1, density=0.05)
+    vi(0.1, 0.1, density=0.05)
   with pytest.raises(ValueError, match="density must be"):
-    sa.vattention(density=1.5)
+    vi(density=1.5)
   with pytest.raises(ValueError, match="unbiased=False is a density-mode option"):
-    sa.vattention(0.1, 0.1, proposal="simhash", unbiased=False)
+    vi(0.1, 0.1, unbiased=False)
   with pytest.raises(ValueError, match="mix"):
-    sa.vattention(0.1, 0.1, proposal="simhash", mix=0.0)
-  with pytest.raises(ValueError, match="hash_params"):
-    sa.vattention(0.1, 0.1, proposal="spotlight")
+    vi(0.1, 0.1, mix=0.0)
+  with pytest.raises(ValueError, match="params"):
+    sa.predictors.spotlight(None)
   with pytest.raises(ValueError, match="certain_slice shapes a code proposal"):
-    sa.vattention(0.1, 0.1, certain_slice=64)
+    vi(density=0.1, proposal=None, certain_slice=64)
   for bad in (0, 2.5):
     with pytest.raises(ValueError, match="certain_slice must be an int >= 1"):
-      sa.vattention(0.1, 0.1, proposal="simhash", certain_slice=bad)
+      vi(0.1, 0.1, certain_slice=bad)
+  with pytest.raises(TypeError, match="proposal"):
+    sa.vattention(0.1, 0.1, proposal=sa.predictors.simhash())  # the paper's has no proposal

@@ -28,7 +28,7 @@ def test_hamming_similarity_counts_equal_bits():
 def test_simhash_topk_keeps_the_best_hamming_ranks_and_attends_exactly():
   q, cache = problem()
   k, sinks, local = 30, 4, 16
-  est = sa.topk(k=k, sinks=sinks, local=local, predictor="simhash", bits=64)
+  est = sa.topk(k=k, sinks=sinks, local=local, predictor=sa.predictors.simhash(bits=64))
   state = est.init(cache, jax.random.PRNGKey(1))
   res = est.attend(q, cache, state, None)
   q_codes = np.asarray(lsh.simhash(q, state.planes, 32, 2))
@@ -52,7 +52,7 @@ def test_simhash_topk_keeps_the_best_hamming_ranks_and_attends_exactly():
 def test_simhash_append_matches_hashing_from_scratch():
   q, full = problem()
   prefill = full._replace(length=jnp.array([900, 600], jnp.int32))
-  pred = predictors.simhash(bits=64)
+  pred = predictors.simhash(bits=64).scorer(4, 64)
   state = pred.append(pred.init(prefill, jax.random.PRNGKey(2)), full)
   centred = full.keys - state.key_mean[:, :, None, :]
   want = np.asarray(lsh.simhash(centred, state.planes, 32, 2))

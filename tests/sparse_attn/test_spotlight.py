@@ -52,13 +52,14 @@ def test_spotlight_as_topk_predictor_and_vattention_predictor():
   params = trained_like_params()
   direct = sa.spotlight(params)
   res = direct.attend(q, cache, direct.init(cache))
-  via_topk = sa.topk(fraction=0.02, sinks=0, local=0, predictor="spotlight", hash_params=params)
+  via_topk = sa.topk(fraction=0.02, sinks=0, local=0,
+                     predictor=sa.predictors.spotlight(params))
   other = via_topk.attend(q, cache, via_topk.init(cache, None))
   # Row 0 (n = 1024) keeps ceil(0.02 n) = 21 = max(20, 21) tokens in both; row 1 (n = 700)
   # keeps 14 in top-k but min_tokens = 20 in Spotlight.
   np.testing.assert_allclose(np.asarray(other.out[0]), np.asarray(res.out[0]), rtol=1e-5,
                              atol=1e-6)
-  est = sa.vattention(0.1, 0.05, predictor="spotlight", hash_params=params)
+  est = sa.vattention(0.1, 0.05, predictor=sa.predictors.spotlight(params))
   out = est.attend(q, cache, est.init(cache, None), jax.random.PRNGKey(2))
   assert np.isfinite(np.asarray(out.out)).all()
 

@@ -10,7 +10,7 @@ import pytest
 
 import sparse_attn as sa
 from sparse_attn import synthetic, verify
-from sparse_attn.vattention import budget
+from sparse_attn.budget import finite_population_size
 from tests import reference as ref
 
 
@@ -24,7 +24,7 @@ def test_budget_is_the_finite_population_corrected_sample_size():
   n0 = jnp.array([0.0, 10.0, 500.0, 1e9, jnp.inf])
   n_s = jnp.array([1000, 1000, 1000, 1000, 1000], jnp.int32)
   want = [0.0, 10 / (1 + 9 / 1000), 500 / (1 + 499 / 1000), 1000.0, 1000.0]
-  np.testing.assert_allclose(np.asarray(budget(n0, n_s)), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(finite_population_size(n0, n_s)), want, rtol=1e-5)
 
 
 def test_full_budget_is_exact():
