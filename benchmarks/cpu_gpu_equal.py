@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
-from sparse_attn import predictors, selection
+from sparse_attn import predictors
+from sparse_attn._src import selection
 from sparse_attn.attention import group_queries
 from sparse_attn.streaming import residual_mask
 

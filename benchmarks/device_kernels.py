@@ -35,7 +35,7 @@ from pallas_kernels import kept_positions as kp
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
 from pallas_kernels import table_match_counts as tmc
-from sparse_attn import selection
+from sparse_attn._src import selection
 
 # Peak HBM bandwidth in bytes/s by device kind (vendor figures), for the floor.
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}

@@ -43,7 +43,8 @@ from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import score_histogram
-from sparse_attn import hash_heads, selection, synthetic
+from sparse_attn import hash_heads, synthetic
+from sparse_attn._src import selection
 
 KV_HEADS, GROUP, HEAD_DIM = 8, 4, 128  # Llama-3.1-8B layer shapes
 

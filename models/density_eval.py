@@ -4,7 +4,7 @@ attention (each query scale), at 2% and 5% of the valid tokens.
 
 Every method attends the same exact window (``sinks`` + ``local``), which counts in its
 density. Oracle top-k keeps ``round(d n)`` tokens in all; the vAttention variants run with
-``density=d`` (``sparse_attn.importance``: the split policy on a base sample; the base
+``density=d`` (``sparse_attn._src.importance``: the split policy on a base sample; the base
 sample's extra reads are reported, not counted); MagicPIG's density is not a parameter, so
 its error at ``d`` is interpolated (log error against log density) between the runs of a
 grid of table counts. A cell's error is the median over positions, heads and sampling keys.

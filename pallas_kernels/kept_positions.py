@@ -2,7 +2,7 @@
 
 With the threshold ``t``, the ties ``need`` to keep and, per block of ``block`` tokens, the
 ties before it and the kept tokens before it (all from ``score_histogram``'s counts,
-``sparse_attn.selection.counting_plan``), each block writes its kept positions straight to
+``sparse_attn._src.selection.counting_plan``), each block writes its kept positions straight to
 their slots: block ``j``'s ``i``-th kept token goes to slot ``kept_before[j] + i``. A token
 is kept when it is eligible (``sinks <= position < length - local``) and scores above
 ``t``, or scores ``t`` and fewer than ``need`` eligible ties precede it.

@@ -1,6 +1,6 @@
 r"""Per-block histograms of small integer scores (Hamming similarities), for selection by
 counting: the exact ``k``-th largest score follows from the summed histogram, and the ties
-before any block from the blocks' counts of that score (``sparse_attn.selection``).
+before any block from the blocks' counts of that score (``sparse_attn._src.selection``).
 
 ``hist[r, j, v]`` counts the eligible tokens of block ``j`` (``block`` tokens) of row ``r``
 whose score is ``lo + v``, for ``v`` in ``[0, 1024)``; a token is eligible when

@@ -10,7 +10,7 @@ Every estimator is a factory returning ``Estimator(init, append, attend)``::
   # key is optional in init and attend; estimators that draw there say so (ValueError).
 """
 
-from sparse_attn import distributed, hash_heads, hash_tables, key_index, lsh, predictors
+from sparse_attn import distributed, hash_heads, lsh, predictors
 from sparse_attn import synthetic, train
 from sparse_attn.attention import dense, dense_attention, merge
 from sparse_attn.magicpig import MagicPigIndex, magicpig
@@ -24,8 +24,7 @@ from sparse_attn.types import AttentionResult, Estimator, KVCache
 
 __all__ = [
     "AttentionResult", "Estimator", "KVCache", "MagicPigIndex", "dense", "dense_attention",
-    "distributed",
-    "hash_heads", "hash_tables", "key_index", "lsh", "magicpig", "merge", "predictors",
+    "distributed", "hash_heads", "lsh", "magicpig", "merge", "predictors",
     "spotlight", "streaming", "synthetic", "topk", "topp", "train", "uniform", "vattention",
     "vattention_importance",
 ]

@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.table_match_counts import table_match_counts
-from sparse_attn import hash_tables, key_index, lsh, selection
+from sparse_attn import lsh
+from sparse_attn._src import hash_tables, key_index, selection
 from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queries
 from sparse_attn.attention import make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import selection
+from sparse_attn._src import selection
 from sparse_attn.attention import attend_rows, combine_lse, make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_key, check_query, keep_index, no_index

@@ -18,7 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import predictors, selection
+from sparse_attn import predictors
+from sparse_attn._src import scoring, selection
 from sparse_attn.attention import attend_rows, combine_lse, group_queries
 from sparse_attn.attention import make_result, row_scores, softmax_attend
 from sparse_attn.streaming import check_window, exact_part, residual_mask
@@ -101,7 +102,7 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     out, lse = combine_lse([out_e, out_t], [lse_e, lse_t])
     selected = jnp.broadcast_to(jnp.sum(top_mask, -1).astype(jnp.float32) + exact, lse.shape)
     return make_result(q, out, lse, selected, cache, over,
-                       predictors.nonfinite_keys(pred, index, scores, length),
+                       scoring.nonfinite_keys(pred, index, scores, length),
                        read_all_keys=jnp.full(lse.shape, pred.reads_all_keys))
 
   return Estimator(init, pred.append, attend)

@@ -25,7 +25,7 @@ residual tokens by a predictor. The other valid tokens form the residual :math:`
    likewise :math:`\hat N`; the output is :math:`\hat N / \hat D`.
 
 The quantity each ``guarantee`` bounds, its ``y_i`` and target ``T`` are
-``sparse_attn.budget``'s. The floor ``min_base`` keeps the spread of heavy-tailed
+``sparse_attn._src.budget``'s. The floor ``min_base`` keeps the spread of heavy-tailed
 :math:`e_i` from being estimated on a handful of draws (``docs/vattention.md``: on the
 reference model's real attention a floor of 128 held the output guarantee on every layer
 where 20 and 64 did not).
@@ -49,7 +49,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import budget, predictors, selection
+from sparse_attn import predictors
+from sparse_attn._src import budget, scoring, selection
 from sparse_attn.attention import attend_rows, combine_lse, group_queries, make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
 from sparse_attn.types import Estimator, check_cache, check_key, check_query, configured
@@ -67,7 +68,7 @@ def uniform_base_sample(key, residual, n_s, base_rate: float, min_base: int):
   return positions, mask, m0
 
 
-def scored(q, cache, index, pred: predictors.Scorer, sinks: int, local: int):
+def scored(q, cache, index, pred: scoring.Scorer, sinks: int, local: int):
   """``(qg [B, Hkv, G, D], predictor scores [B, Hkv, G, S], residual mask, same shape)``."""
   qg = group_queries(q, cache.keys.shape[1])
   capacity = cache.keys.shape[2]
@@ -87,7 +88,7 @@ def vattention(epsilon: float, delta: float, *, guarantee: str = "denominator",
   Args:
     epsilon: relative error bound.
     delta: failure probability.
-    guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (``sparse_attn.budget``).
+    guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (``sparse_attn._src.budget``).
     predictor: ranks the top-k: ``sa.predictors.oracle()`` (exact scores; reads every key),
       ``sa.predictors.simhash(bits=128)`` or ``sa.predictors.spotlight(params)``.
     sinks, local: sizes of the exact window.
@@ -181,7 +182,7 @@ def vattention(epsilon: float, delta: float, *, guarantee: str = "denominator",
                                                              final_mask, capacity)
     return make_result(
         q, out, lse, exact + b_used, cache, over,
-        predictors.nonfinite_keys(pred, index, scores, length), topk=top_count, residual=n_sf,
+        scoring.nonfinite_keys(pred, index, scores, length), topk=top_count, residual=n_sf,
         base=m0.astype(jnp.float32), budget=b_used, budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys))
 

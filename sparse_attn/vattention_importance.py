@@ -2,11 +2,11 @@ r"""vAttention with the residual sampled by hash codes (beyond the paper).
 
 ``sa.vattention`` keeps a fixed top-k and samples the rest uniformly. Here each residual
 token gets a proxy of its score from the proposal's codes and one stored key norm
-(``sparse_attn.importance``), a base sample shaped by those proxies reads some tokens
-exactly, and per query head the split policy (``sparse_attn.split_policy``) chooses how many
+(``sparse_attn._src.importance``), a base sample shaped by those proxies reads some tokens
+exactly, and per query head the split policy (``sparse_attn._src.split_policy``) chooses how many
 tokens to attend exactly (the top part) and how to sample the rest (uniformly, or by Poisson
 sampling with inclusion probabilities from the proxies, Horvitz-Thompson weights), either to
-meet an ``(epsilon, delta)`` bound with the fewest tokens (``sparse_attn.budget``) or to
+meet an ``(epsilon, delta)`` bound with the fewest tokens (``sparse_attn._src.budget``) or to
 least estimated variance at a fixed ``density``. The final draw uses fresh uniforms, so the
 estimate stays unbiased whatever the base chose. Derivations and measurements:
 ``docs/importance.md``.
@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import budget, importance, predictors, split_policy
+from sparse_attn import predictors
+from sparse_attn._src import budget, importance, scoring, split_policy
 from sparse_attn.attention import combine_lse, make_result
 from sparse_attn.streaming import check_window, exact_part
 from sparse_attn.types import Estimator, check_cache, check_key, check_query, configured
@@ -47,7 +48,7 @@ def vattention_importance(
       ``sa.predictors.spotlight(params)``; its codes also rank the top part. ``None``: no
       codes, the residual is sampled uniformly and the top part ranked by the exact scores
       (``density`` only: with a guarantee that is ``sa.vattention``).
-    guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (``sparse_attn.budget``);
+    guarantee: ``"denominator"``, ``"numerator"`` or ``"output"`` (``sparse_attn._src.budget``);
       with ``density``, the quantity whose variance the split policy minimises.
     sinks, local: sizes of the exact window.
     base_rate: base sample size, as a fraction of the residual.
@@ -188,7 +189,7 @@ def vattention_importance(
         base_pos, base_mask, sample.positions, sample.mask, capacity)
     return make_result(
         q, out, lse, exact_count + taken, cache, over,
-        predictors.nonfinite_keys(pred, index, scores, length), topk=top, residual=n_sf,
+        scoring.nonfinite_keys(pred, index, scores, length), topk=top, residual=n_sf,
         base=m0.astype(jnp.float32), budget=taken - top,
         budget_clipped=clipped, read=read,
         read_all_keys=jnp.full(shape, pred.reads_all_keys),

@@ -8,7 +8,7 @@ import pytest
 
 from pallas_kernels import kept_positions as kp
 from pallas_kernels import score_histogram as sh
-from sparse_attn import selection
+from sparse_attn._src import selection
 from sparse_attn.streaming import residual_mask
 
 SINKS, LOCAL = 4, 16

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sparse_attn as sa
-from sparse_attn import selection
+from sparse_attn._src import selection
 
 
 def problem():

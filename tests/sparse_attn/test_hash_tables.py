@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attn import hash_tables
+from sparse_attn._src import hash_tables
 
 
 def random_tables(seed, S=300, L=6, K=3):

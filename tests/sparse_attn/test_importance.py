@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import sparse_attn as sa
-from sparse_attn import importance, predictors, split_policy, synthetic, verify
+from sparse_attn import predictors, synthetic, verify
+from sparse_attn._src import importance, split_policy
 from tests import reference as ref
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn import selection
+from sparse_attn._src import selection
 
 _top = jax.jit(selection.top, static_argnums=2)
 _compact = jax.jit(selection.compact, static_argnums=1)

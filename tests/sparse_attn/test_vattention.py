@@ -10,7 +10,7 @@ import pytest
 
 import sparse_attn as sa
 from sparse_attn import synthetic, verify
-from sparse_attn.budget import finite_population_size
+from sparse_attn._src.budget import finite_population_size
 from tests import reference as ref
 
 

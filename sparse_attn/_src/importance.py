@@ -20,7 +20,7 @@ attended exactly with weight 1) and a sampler for the rest :math:`R_t` (:math:`n
   weight :math:`1/\pi_i` (Horvitz-Thompson); :math:`\lambda` (``mix``) is a defensive uniform
   share, so no probability falls below :math:`c \lambda \bar a`.
 
-The temperatures are ``TEMPERATURES``; ``sparse_attn.split_policy`` picks a head's candidate
+The temperatures are ``TEMPERATURES``; ``sparse_attn._src.split_policy`` picks a head's candidate
 and size on the base sample.
 
 **Unbiasedness.** The final draw uses fresh uniforms, independent of the base sample that
@@ -50,7 +50,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import selection
+from sparse_attn._src import selection
 from sparse_attn.attention import attend_rows
 
 TEMPERATURES = (0.0, 0.5, 1.0)

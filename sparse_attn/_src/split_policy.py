@@ -1,6 +1,6 @@
 r"""The split policy of vAttention's importance-sampling residual: per query head, how many
 tokens go to the exact top part and how the rest is sampled (the candidates of
-``sparse_attn.importance``), chosen on the base sample.
+``sparse_attn._src.importance``), chosen on the base sample.
 
 The thresholds put an estimated ``TOP_FRACTIONS`` of the residual in the top part (0: none).
 
@@ -8,12 +8,12 @@ The thresholds put an estimated ``TOP_FRACTIONS`` of the residual in the top par
 :math:`n_r^2 (1/b - 1/n_r) \sigma_r^2` (uniform) or :math:`\sum_{R_t} \frac{1 - \pi_i}{\pi_i}
 \|y_i\|^2` (Poisson; the trace for vector :math:`y`), with :math:`y_i` = :math:`e_i`,
 :math:`e_i v_i` or :math:`e_i (v_i - \hat o)` for the ``denominator``, ``numerator`` and
-``output`` guarantees as in ``sparse_attn.budget``, and both are estimated from the base
+``output`` guarantees as in ``sparse_attn._src.budget``, and both are estimated from the base
 sample. Each estimate is raised by ``UCB`` (3) of its own standard errors: the estimate of a
 heavy-tailed variance from a few hundred draws is itself very uncertain, and picking the
 cheapest of many candidates favours those whose variance was underestimated. The CLT then
 turns :math:`z \sqrt{\operatorname{Var}} \le \epsilon T` into the guarantee, with the
-chi-square bound for the vector cases (``sparse_attn.budget``). For the ``output``
+chi-square bound for the vector cases (``sparse_attn._src.budget``). For the ``output``
 guarantee the delta method also needs :math:`\hat D \approx D`, so the denominator's bound
 :math:`z \sqrt{\operatorname{Var} \hat D} \le \epsilon \hat D` is required as well (without
 it a head whose base saw one dominant token could sample nothing else and miss it).
@@ -48,9 +48,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import selection
-from sparse_attn.budget import finite_population_size
-from sparse_attn.importance import defended, proposal_weight
+from sparse_attn._src import selection
+from sparse_attn._src.budget import finite_population_size
+from sparse_attn._src.importance import defended, proposal_weight
 
 TOP_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.04)
 UCB = 3.0  # standard errors added to every variance estimate (module docstring)

@@ -25,7 +25,7 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 
-from sparse_attn import selection
+from sparse_attn._src import selection
 from sparse_attn.attention import gather_rows, row_scores
 
 GUARANTEES = ("denominator", "numerator", "output")

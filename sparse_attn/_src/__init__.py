@@ -1,0 +1,1 @@
+"""Internals of sparse_attn: not API, may change without notice."""
