@@ -18,17 +18,21 @@ Retrieval reads only the query's ``L`` buckets (``hash_tables``). Tokens appende
 tables were built sit in a *tail* of at most ``tail`` tokens that is scanned directly; the
 tables are rebuilt (from stored codes, no rehashing) when the tail is full.
 
-Static capacities and what happens at them (never silently):
+Static buffers, and what happens when they are too small (never a silent bias):
 
-* ``max_selected`` sampled tokens per query. When more qualify, a uniform sample without
-  replacement of ``max_selected`` of them is kept and each is weighted by
-  ``qualified / max_selected`` on top of ``1 / w`` (two-stage Horvitz-Thompson): numerator
-  and denominator stay unbiased, with more variance. ``stats["selected_overflow"]`` counts
-  the qualified tokens left out. The second stage draws from ``attend``'s ``key`` if given,
+* ``max_candidates`` bucket entries per query: the ``L`` buckets are read into one buffer.
+  When a query's buckets do not fit, the step counts the collisions of the whole batch by a
+  scan of every stored code instead (``table_match_counts``): the same counts, slower.
+  ``stats["bucket_overflow"]`` counts the entries that did not fit.
+* ``max_selected`` sampled tokens per query. By default a list of about twice the tokens a
+  key orthogonal to the query would bring; when more qualify anywhere in the batch, the
+  step attends over a list of ``S`` instead: the same estimate, slower. Given explicitly it
+  is a hard cap with a fixed cost: when more qualify, a uniform sample without replacement
+  of ``max_selected`` of them is kept and each is weighted by ``qualified / max_selected``
+  on top of ``1 / w`` (two-stage Horvitz-Thompson), so numerator and denominator stay
+  unbiased, with more variance. The second stage draws from ``attend``'s ``key`` if given,
   else from a key ``init`` derived from its own (apart from the planes).
-* ``max_candidates`` bucket entries per query (``stats["bucket_overflow"]`` counts the
-  entries dropped). A dropped entry lowers a token's collision count: non-zero means the
-  estimate is biased low, so raise the cap.
+  ``stats["selected_overflow"]`` counts the qualified tokens beyond ``max_selected``.
 
 Non-finite keys: the centring mean is taken over the finite keys only (one NaN key must not
 switch the sampling of its whole head off), and a valid hashed token whose key has a NaN or
@@ -102,13 +106,15 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     sinks, local: sizes of the exact set.
     center_keys: centre keys by the mean prefill residual key before hashing.
     planes_per_head: draw separate planes for each KV head.
-    max_selected: sampled tokens kept per query, as a fraction of the capacity ``S``.
-      Default: ``2 w(0) + 1/64`` with ``w(0)`` the inclusion probability of a key
-      orthogonal to the query (3.5% for K=10, L=150; 8.6% for K=8, L=75), since most
-      centred keys are nearly orthogonal to the query.
+    max_selected: sampled tokens per query, as a fraction of the capacity ``S``. None (the
+      default): a list of ``2 w(0) + 1/64`` of ``S``, with ``w(0)`` the inclusion
+      probability of a key orthogonal to the query (3.5% for K=10, L=150; 8.6% for K=8,
+      L=75), widened to ``S`` for a step where more qualify (exact, slower). A number: a
+      hard cap, subsampled in a second stage when it binds (unbiased, more variance).
     max_candidates: bucket entries read per query, as a fraction of ``S`` (the ``L``
-      buckets share this buffer; their expected total is ``L * sum_i p_i``). Default:
-      ``2 L p(0)`` with ``p(0) = 2**-K`` (0.29 for K=10, L=150).
+      buckets share this buffer; their expected total is ``L * sum_i p_i``); a step whose
+      buckets do not fit counts collisions by a scan of every code (exact, slower).
+      Default: ``2 L p(0)`` with ``p(0) = 2**-K`` (0.29 for K=10, L=150).
     tail: tokens appended since the last table build that are scanned directly; the
       tables are rebuilt when more are pending.
     append_chunk: tokens hashed per step of ``append``'s loop.
@@ -116,8 +122,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   ``append(index, cache)`` donates ``index`` (updated in place): keep only the returned index.
 
   Keys: ``init`` consumes its ``key`` (the random planes; required). ``attend``'s optional
-  ``key`` only draws the second-stage subsample when ``max_selected`` binds (without it, a
-  key derived at ``init``); below the cap it changes nothing.
+  ``key`` only draws the second-stage subsample when an explicit ``max_selected`` binds
+  (without it, a key derived at ``init``); otherwise it changes nothing.
 
   Returns:
     An ``Estimator``. ``attend``'s ``stats``: ``selected`` (exact + sampled tokens),
@@ -129,6 +135,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
                      f"(2**K + 1 offsets each), got {K}")
   lsh.check_table_shape(K, L, min_collisions)
   check_window(sinks, local)
+  subsample = max_selected is not None
   if max_selected is None:
     max_selected = 2.0 * float(lsh.collision_probability(0.0, K, L, min_collisions)) + 1 / 64
   if max_candidates is None:
@@ -218,70 +225,69 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     with donated_index_hint():
       return _attend(q, cache, index, key)
 
-  def retrieve(q_codes, index, hashed, length, num_candidates, num_selected, tail_size,
-               subsample_key):
-    """Sampled token ids ``[B, Hkv, G, C]`` (+ mask), the overflow counts and each query's
-    second-stage inclusion probability ``[B, Hkv, G]`` (1 where the cap does not bind)."""
+  def collided(q_codes, index, hashed, length, num_candidates, tail_size):
+    """``bool [B, Hkv, G, S]``: the residual tokens of at least ``min_collisions`` tables,
+    and the bucket entries that did not fit the candidate buffer ``[B, Hkv, G]``.
+
+    From the tables (plus a scan of the tail appended since their build) when every query's
+    buckets fit; else, for the whole batch, from a scan of every stored code: the same
+    counts the tables give without a cap, so the buffer only ever costs time."""
     capacity = index.codes.shape[2]
+    batch, num_kv_heads, group = q_codes.shape[:3]
     lookup = jax.vmap(hash_tables.lookup, in_axes=(None, 0, None))  # the group's queries
     lookup = jax.vmap(jax.vmap(lookup, in_axes=(0, 0, None)), in_axes=(0, 0, None))
     ids, valid, dropped = lookup(index.tables, q_codes, num_candidates)
-    counts = hash_tables.collision_counts(
-        ids.reshape(-1, num_candidates), valid.reshape(-1, num_candidates), capacity,
-        L).reshape(ids.shape[:3] + (capacity,))  # [B, Hkv, G, S]
-    # Tokens appended since the last build (not in the tables): match their codes directly
-    # and add their counts, over a window of `tail_size` positions from the tables' end.
-    start = jnp.clip(index.table_length, 0, capacity - tail_size)  # [B]
-    window = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, tail_size, axis=-2))
-    batch, num_kv_heads, group = q_codes.shape[:3]
-    tail_counts = table_match_counts(
-        q_codes.reshape(batch, num_kv_heads * group, L), window(index.codes, start),
-        jnp.full((batch,), tail_size, jnp.int32)).reshape(q_codes.shape[:3] + (tail_size,))
-    tail_pos = start[:, None] + jnp.arange(tail_size, dtype=jnp.int32)[None, :]  # [B, T]
-    tail_new = (tail_pos >= index.table_length[:, None]) & (tail_pos < hashed[:, None])
-    tail_counts = jnp.where(tail_new[:, None, None, :], tail_counts, 0).astype(counts.dtype)
-    add_tail = jax.vmap(lambda c, t, s: jax.lax.dynamic_update_slice_in_dim(
-        c, jax.lax.dynamic_slice_in_dim(c, s, tail_size, axis=-1) + t, s, axis=-1))
-    counts = add_tail(counts, tail_counts, start)
+
+    def scan(codes, length):  # [B, Hkv, T, L], [B] -> int32 [B, Hkv, G, T]
+      return table_match_counts(q_codes.reshape(batch, num_kv_heads * group, L), codes,
+                                length).reshape(batch, num_kv_heads, group, -1)
+
+    def from_tables():
+      counts = hash_tables.collision_counts(
+          ids.reshape(-1, num_candidates), valid.reshape(-1, num_candidates), capacity,
+          L).reshape(ids.shape[:3] + (capacity,))  # [B, Hkv, G, S]
+      # Tokens appended since the last build (not in the tables): match their codes
+      # directly and add their counts, over `tail_size` positions from the tables' end.
+      start = jnp.clip(index.table_length, 0, capacity - tail_size)  # [B]
+      window = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, tail_size, axis=-2))
+      tail_counts = scan(window(index.codes, start), jnp.full((batch,), tail_size, jnp.int32))
+      tail_pos = start[:, None] + jnp.arange(tail_size, dtype=jnp.int32)[None, :]  # [B, T]
+      tail_new = (tail_pos >= index.table_length[:, None]) & (tail_pos < hashed[:, None])
+      tail_counts = jnp.where(tail_new[:, None, None, :], tail_counts, 0).astype(counts.dtype)
+      add_tail = jax.vmap(lambda c, t, s: jax.lax.dynamic_update_slice_in_dim(
+          c, jax.lax.dynamic_slice_in_dim(c, s, tail_size, axis=-1) + t, s, axis=-1))
+      return add_tail(counts, tail_counts, start) >= min_collisions
+
+    by_scan = lambda: scan(index.codes, hashed) >= min_collisions  # noqa: E731
+    hit = jax.lax.cond(jnp.any(dropped > 0), by_scan, from_tables)
     positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
-    keep = (counts >= min_collisions) & residual_mask(positions, length, sinks, local)
+    return hit & residual_mask(positions, length, sinks, local), dropped
+
+  def sampled_part(q, cache, index, keep, size, subsample_key):
+    """Attention over the qualified tokens ``keep [B, Hkv, G, S]`` in a list of ``size``,
+    weighted by ``1 / w``: ``(out, lse, sampled tokens [B, Hkv, G])``. More than ``size``
+    qualify only under an explicit ``max_selected``: a second stage then subsamples them."""
+    batch, num_kv_heads, capacity, head_dim = cache.keys.shape
     qualified = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [B, Hkv, G]
 
     def subsample(keep):
-      # Two-stage Horvitz-Thompson: a uniform sample without replacement of num_selected of
-      # the qualified tokens (the lowest of iid uniform priorities), each then weighted by
-      # qualified / num_selected on top of 1 / w: unbiased given the first stage.
+      # Two-stage Horvitz-Thompson: a uniform sample without replacement of `size` of the
+      # qualified tokens (the lowest of iid uniform priorities), each then weighted by
+      # qualified / size on top of 1 / w: unbiased given the first stage.
       u = jax.random.uniform(jax.random.wrap_key_data(subsample_key), keep.shape)
-      return selection.top(-u, keep, num_selected, num_selected)
+      return selection.top(-u, keep, size, size)
 
-    # Only when the cap binds somewhere (the first num_selected otherwise are all of them).
-    sel, sel_mask = jax.lax.cond(jnp.any(qualified > num_selected), subsample,
-                                 lambda keep: selection.compact(keep, num_selected)[:2], keep)
-    overflow = jnp.maximum(qualified - num_selected, 0)
-    second_stage = jnp.minimum(1.0, num_selected / jnp.maximum(qualified, 1).astype(jnp.float32))
-    return sel, sel_mask, dropped, overflow, second_stage
-
-  @jax.jit
-  def _attend(q, cache, index, key):
-    cache, over = within_capacity(cache)
-    keys, values, length = cache
-    batch, num_kv_heads, capacity, head_dim = keys.shape
-    num_selected = max(1, math.ceil(max_selected * capacity))
-    num_candidates = max(1, math.ceil(max_candidates * capacity))
-    tail_size = min(tail, capacity)
-    qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
-    q_codes = hash_queries(qg, index.planes)
-    hashed = jnp.minimum(index.length, length)
-    sel, sel_mask, dropped, overflow, second_stage = retrieve(
-        q_codes, index, hashed, length, num_candidates, num_selected, tail_size,
-        index.subsample_key if key is None else key)
+    # Only when the cap binds somewhere (the first `size` otherwise are all of them).
+    sel, sel_mask = jax.lax.cond(jnp.any(qualified > size), subsample,
+                                 lambda keep: selection.compact(keep, size)[:2], keep)
+    second_stage = jnp.minimum(1.0, size / jnp.maximum(qualified, 1).astype(jnp.float32))
     log_second_stage = jnp.log(second_stage).reshape(batch, -1, 1)  # [B, Hq, 1]
 
-    # Sampled part: importance weights 1/w from the exact centred cosine of each selected
-    # key, q.(k - k_bar) = sqrt(D) s - q.k_bar with ||k - k_bar|| stored at hashing time,
+    # Importance weights 1/w from the exact centred cosine of each selected key,
+    # q.(k - k_bar) = sqrt(D) s - q.k_bar with ||k - k_bar|| stored at hashing time,
     # computed block by block from the scores of the rows being attended (each key is read
     # once).
-    count = jnp.sum(sel_mask, axis=-1, dtype=jnp.int32)
+    qg = group_queries(q, num_kv_heads)
     q_mean = jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean, precision=HIGHEST)
     q_norm = jnp.linalg.norm(qg, axis=-1)
 
@@ -296,12 +302,33 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
                                       1e-30))
       return log_first + log_second_stage  # the inclusion probability of both stages
 
+    count = jnp.sum(sel_mask, axis=-1, dtype=jnp.int32)
     out_s, lse_s = attend_rows(q, cache, sel, count, log_w)
+    return out_s, lse_s, count.astype(jnp.float32)
+
+  @jax.jit
+  def _attend(q, cache, index, key):
+    cache, over = within_capacity(cache)
+    keys, values, length = cache
+    batch, num_kv_heads, capacity, head_dim = keys.shape
+    num_selected = max(1, math.ceil(max_selected * capacity))
+    num_candidates = max(1, math.ceil(max_candidates * capacity))
+    tail_size = min(tail, capacity)
+    q_codes = hash_queries(group_queries(q, num_kv_heads), index.planes)
+    hashed = jnp.minimum(index.length, length)
+    keep, dropped = collided(q_codes, index, hashed, length, num_candidates, tail_size)
+    qualified = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+    subsample_key = index.subsample_key if key is None else key
+    part = functools.partial(sampled_part, q, cache, index, keep, subsample_key=subsample_key)
+    if subsample:  # an explicit cap: a fixed cost, two stages when it binds
+      out_s, lse_s, sampled = part(num_selected)
+    else:  # the default: a list of S for the whole batch when one query needs it
+      out_s, lse_s, sampled = jax.lax.cond(jnp.any(qualified > num_selected),
+                                           lambda: part(capacity), lambda: part(num_selected))
 
     out_e, lse_e, exact = exact_part(q, cache, sinks, local)
     out, lse = combine_lse([out_e, out_s], [lse_e, lse_s])
 
-    sampled = jnp.sum(sel_mask, axis=-1).astype(jnp.float32)
     residual_end = jnp.maximum(length - local, sinks)
     unindexed = jnp.maximum(residual_end - jnp.maximum(hashed, sinks), 0).astype(jnp.float32)
     return make_result(
@@ -309,7 +336,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         nonfinite=key_index.has_nonfinite(index.first_nonfinite, hashed)[..., None],
         sampled=sampled,
         bucket_overflow=dropped.astype(jnp.float32),
-        selected_overflow=overflow.astype(jnp.float32),
+        selected_overflow=jnp.maximum(qualified - num_selected, 0).astype(jnp.float32),
         unindexed=jnp.broadcast_to(unindexed[:, None, None], sampled.shape))
 
   return Estimator(init, append, attend)

@@ -7,7 +7,8 @@ offsets (``offsets[c] .. offsets[c+1]`` delimit bucket ``c``). A query reads onl
 Static shapes need a cap: the ``L`` buckets of a query are laid end to end in one buffer of
 ``capacity`` entries (one shared budget, so a large bucket can borrow what small ones leave).
 Entries past the buffer are *dropped* and counted: a dropped entry can only lower a token's
-collision count, which biases the estimate, so callers must report the count.
+collision count, so a caller must not use the counts of a lookup that dropped entries
+(MagicPIG then counts by a scan of every code).
 """
 
 from __future__ import annotations

@@ -114,11 +114,51 @@ def test_tokens_missing_from_the_index_are_reported():
                                 [512 - 16 - 400, 400 - 16 - 300])
 
 
-def test_static_capacities_report_overflow_instead_of_hiding_it():
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_small_candidate_buffer_costs_time_not_accuracy(jit):
+  # Buckets that do not fit the buffer: the step counts collisions by a scan of every code,
+  # so the estimate is the one an unbounded buffer gives, and the overflow is reported.
   q, cache = small_problem()
-  est = sa.magicpig(K=6, L=20, local=16, max_candidates=0.05)
-  res = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(5)), None)
-  assert float(jnp.min(res.stats["bucket_overflow"])) > 0
+  small = sa.magicpig(K=6, L=20, local=16, max_selected=1.0, max_candidates=0.05)
+  ample = sa.magicpig(K=6, L=20, local=16, max_selected=1.0, max_candidates=20.0)
+  runs = []
+  for est in (small, ample):
+    attend = jax.jit(est.attend) if jit else est.attend
+    runs.append(attend(q, cache, est.init(cache, jax.random.PRNGKey(5))))
+  assert float(jnp.min(runs[0].stats["bucket_overflow"])) > 0
+  assert float(jnp.max(runs[1].stats["bucket_overflow"])) == 0
+  np.testing.assert_array_equal(np.asarray(runs[0].out), np.asarray(runs[1].out))
+  np.testing.assert_array_equal(np.asarray(runs[0].stats["sampled"]),
+                                np.asarray(runs[1].stats["sampled"]))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_the_default_selected_list_widens_instead_of_dropping(jit):
+  # Keys close to the queries' directions: far more tokens qualify than the default list
+  # (2 w(0) + 1/64 = 9.4% of S for K=6, L=20) holds. The step attends over a list of S:
+  # every qualified token is sampled and the estimate is the uncapped one.
+  q, cache = small_problem()
+  direction = q.reshape(q.shape[0], cache.keys.shape[1], -1, q.shape[-1]).mean(axis=2)
+  keys = cache.keys + 3.0 * direction[:, :, None, :] / jnp.linalg.norm(
+      direction, axis=-1, keepdims=True)[:, :, None, :] * jnp.linalg.norm(
+          cache.keys, axis=-1, keepdims=True)
+  cache = cache._replace(keys=keys)
+  default = sa.magicpig(K=6, L=20, local=16, max_candidates=20.0)
+  uncapped = sa.magicpig(K=6, L=20, local=16, max_candidates=20.0, max_selected=1.0)
+  runs = []
+  for est in (default, uncapped):
+    attend = jax.jit(est.attend) if jit else est.attend
+    runs.append(attend(q, cache, est.init(cache, jax.random.PRNGKey(5))))
+  listed = math.ceil((2 * float(sa.lsh.collision_probability(0.0, 6, 20, 2)) + 1 / 64) * 512)
+  assert float(jnp.max(runs[0].stats["sampled"])) > listed
+  assert float(jnp.max(runs[0].stats["selected_overflow"])) > 0
+  np.testing.assert_array_equal(np.asarray(runs[0].stats["sampled"]),
+                                np.asarray(runs[1].stats["sampled"]))
+  np.testing.assert_allclose(np.asarray(runs[0].out), np.asarray(runs[1].out), atol=1e-5)
+
+
+def test_an_explicit_selected_cap_fixes_the_cost():
+  q, cache = small_problem()
   est = sa.magicpig(K=6, L=20, local=16, max_selected=0.01, max_candidates=20.0)
   res = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(5)), None)
   assert float(jnp.min(res.stats["selected_overflow"])) > 0
