@@ -3,7 +3,7 @@
 #  1. benchmarks/device_kernels.py: every Pallas kernel compiled against its jnp reference,
 #     hamming_scores at 512K tokens vs the paper's 100 us and the bandwidth floor, sparse
 #     decode attention vs dense (XLA, cuDNN) at 128K;
-#  2. python -m sparse_attn bench with the kernels on (SPARSE_ATTN_PALLAS=1), 128K and 512K,
+#  2. python -m benchmarks bench with the kernels on (SPARSE_ATTN_PALLAS=1), 128K and 512K,
 #     and (unless XLA_BENCH=0) at 128K with them off (the jnp gather path under XLA);
 #  3. with RUN_TESTS=1, the test suite on the device and the 128K comparison table.
 # Usage on a GPU machine, from the repository root: OUT=/some/dir bash benchmarks/device_check.sh

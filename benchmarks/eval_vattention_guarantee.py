@@ -1,7 +1,7 @@
 """vAttention's (0.05, 0.05) output guarantee on the reference model's real attention, per
 layer, for the uniform residual and both hash-code proposals (Spotlight also with a certain
 slice of 512 tokens): the default evaluation's
-configuration restricted to those rows (``python -m sparse_attn eval`` runs the uniform one;
+configuration restricted to those rows (``python -m benchmarks eval`` runs the uniform one;
 ``--full`` all three, with more instances). About 5 minutes on 2 CPU cores.
 
   python benchmarks/eval_vattention_guarantee.py [report.json]
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from models import estimator_eval as ee
+from benchmarks import estimator_eval as ee
 
 METHODS = ("dense", "vattention e=d=0.05", "vattention simhash e=d=0.05",
            "vattention spotlight e=d=0.05", "vattention spotlight e=d=0.05 slice=512")

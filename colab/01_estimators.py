@@ -69,7 +69,7 @@ SMALL = os.environ.get("SPARSE_ATTN_SMALL", "") not in ("", "0")  # CI: smaller 
 REPO = pathlib.Path(models.__file__).resolve().parents[1]  # the checkout (or Colab clone)
 # The model whose attention section 6 studies: an HF-style folder (config.json +
 # *.safetensors): the project's reference model.
-CHECKPOINT = REPO / "models" / "reference" / "runs" / "ref-4x128" / "hf"
+CHECKPOINT = REPO / "benchmarks" / "reference" / "runs" / "ref-4x128" / "hf"
 
 N = 4096 if SMALL else 16384  # tokens in the cache
 ROWS = 2 if SMALL else 4  # independent caches (queries) per temperature
@@ -381,7 +381,7 @@ for h, scale in enumerate(SCALES):
 # position `t` attends over keys `0..t`: a batch of caches that share the keys and differ in
 # `length` gives several decode queries at once.
 #
-# `CHECKPOINT` is the project's reference model (`models/reference/`): a 4-layer byte-level
+# `CHECKPOINT` is the project's reference model (`benchmarks/reference/`): a 4-layer byte-level
 # Llama trained on standard-library text and retrieval tasks, so its attention is learned
 # (it finds needles at 1024 tokens). The prompt is Python source text, byte by byte.
 
@@ -450,7 +450,7 @@ plt.show()
 
 # %% [markdown]
 # What to look for (the README's 16K and 128K tables show the same, with timings;
-# `python -m sparse_attn compare` prints them): on the flattest head the three methods are
+# `python -m benchmarks compare` prints them): on the flattest head the three methods are
 # close, since no small set of tokens matters; uniform sampling fails as soon as attention
 # peaks, because it rarely draws the few tokens that hold the mass; on the mid-entropy heads MagicPIG
 # matches or beats the oracle top-k once the density passes a few percent, without reading

@@ -279,7 +279,7 @@ for (guarantee, epsilon), (fails, clipped, density) in coverage.items():
 # `CASES`); their trace bound is conservative, and their measured failure rates come out
 # well below `delta` (0.000 in the run quoted below).
 #
-# `python -m sparse_attn verify` runs the same experiment at full size (8 heads, n = 16384,
+# `python -m benchmarks verify` runs the same experiment at full size (8 heads, n = 16384,
 # 200 keys, five `(guarantee, epsilon)` cases; about a minute on 2 cores). The committed
 # result (`benchmarks/results/2026-11-26_cpu2core_verify_oracle.txt`): every unclipped head
 # kept its promise, worst failure rate 0.060 for the denominator at epsilon = 0.05 (bound

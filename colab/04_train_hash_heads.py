@@ -71,7 +71,7 @@ SMALL = os.environ.get("SPARSE_ATTN_SMALL", "") not in ("", "0")  # CI: smaller 
 REPO = pathlib.Path(models.__file__).resolve().parents[1]  # the checkout (or Colab clone)
 # The model whose queries and keys section 2 captures: an HF-style folder, the project's
 # reference model.
-CHECKPOINT = REPO / "models" / "reference" / "runs" / "ref-4x128" / "hf"
+CHECKPOINT = REPO / "benchmarks" / "reference" / "runs" / "ref-4x128" / "hf"
 STEPS = 200 if SMALL else 1000  # optimisation steps in section 3
 print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
 

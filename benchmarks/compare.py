@@ -1,6 +1,6 @@
 """The comparison table: every estimator's error, density and decode-step time, one place.
 
-``python -m sparse_attn`` runs ``compare`` on built-in synthetic LLM-shaped attention
+``python -m benchmarks`` runs ``compare`` on built-in synthetic LLM-shaped attention
 (``sparse_attn.synthetic``): a table of estimators at one temperature, then a sweep of
 attention temperatures from flat to peaked where MagicPIG is compared with uniform sampling
 (Horvitz-Thompson weights) and oracle top-k *at the same average density*.

@@ -1,4 +1,4 @@
-"""``python -m sparse_attn verify``: does vAttention keep its (epsilon, delta) promise?
+"""``python -m benchmarks verify``: does vAttention keep its (epsilon, delta) promise?
 
 The coverage experiment: heads from flat to peaked (query scales spaced geometrically from
 0.2 to 4 on ``sparse_attn.synthetic`` data, one KV head each), many independent sampling

@@ -1,4 +1,4 @@
-"""``python -m sparse_attn bench``: decode-step time of each estimator against dense attention.
+"""``python -m benchmarks bench``: decode-step time of each estimator against dense attention.
 
 At Llama-3.1-8B layer shapes (32 query heads, 8 KV heads, D = 128) for each (length, batch,
 dtype): dense decode attention, both as ``jax.nn.dot_product_attention`` runs it (cuDNN's

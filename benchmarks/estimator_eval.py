@@ -1,6 +1,6 @@
-"""``python -m sparse_attn eval``: every estimator on a trained model's real attention.
+"""``python -m benchmarks eval``: every estimator on a trained model's real attention.
 
-On held-out instances of the reference model's tasks (``models.reference.tasks``), for each
+On held-out instances of the reference model's tasks (``benchmarks.reference.tasks``), for each
 method:
 
 * **task accuracy**: the prompt up to the last answer is prefilled densely except its final
@@ -45,8 +45,8 @@ import numpy as np
 
 import sparse_attn as sa
 from models import checkpoint, decoding
-from models.task_codec import Codec
-from models.reference import tasks
+from benchmarks.task_codec import Codec
+from benchmarks.reference import tasks
 
 REFERENCE = str(pathlib.Path(__file__).resolve().parent / "reference" / "runs" / "ref-4x128"
                 / "hf")
@@ -327,7 +327,7 @@ def measure(est: sa.Estimator, name: str, att: Attention, layer: int, cfg: Confi
 
 
 def run(cfg: Config = Config(), progress: bool = True) -> dict:
-  """The whole evaluation; returns the report (``models.estimator_report`` formats it)."""
+  """The whole evaluation; returns the report (``benchmarks.estimator_report`` formats it)."""
   begin = time.perf_counter()
   model, model_cfg = checkpoint.load_hf(cfg.model)
   codec = Codec(cfg.model, model_cfg.vocab_size)

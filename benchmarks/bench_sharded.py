@@ -1,4 +1,4 @@
-"""``python -m sparse_attn bench --devices N``: the sequence-sharded decode step against one
+"""``python -m benchmarks bench --devices N``: the sequence-sharded decode step against one
 device, and the memory each device holds.
 
 Same shapes and step as ``bench`` (Llama-3.1-8B layer: 32 query / 8 KV heads, D = 128; every
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 import sparse_attn as sa
-from sparse_attn import bench, synthetic
+from benchmarks import bench
+from sparse_attn import synthetic
 from sparse_attn import distributed as dist
 
 METHODS = ("dense", "streaming", "magicpig")
@@ -96,7 +97,7 @@ def run_one(cfg: Config, length: int, mesh, log) -> dict:
 def run(cfg: Config = Config(), log=print) -> dict:
   if len(jax.devices()) < cfg.devices:
     raise ValueError(f"--devices {cfg.devices} needs that many devices; JAX sees "
-                     f"{len(jax.devices())} (on a CPU, run it through python -m sparse_attn, "
+                     f"{len(jax.devices())} (on a CPU, run it through python -m benchmarks, "
                      "which simulates them, or set XLA_FLAGS=--xla_force_host_platform_"
                      f"device_count={cfg.devices} before JAX starts)")
   mesh = dist.sequence_mesh(cfg.devices)

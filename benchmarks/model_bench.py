@@ -1,6 +1,6 @@
 """Decode-step timing of a Llama-3.1-8B-shaped model: dense attention vs sparse estimators.
 
-``python -m models.bench [--length 65536] [--layers 2] [--json PATH]``
+``python -m benchmarks.model_bench [--length 65536] [--layers 2] [--json PATH]``
 
 The model has Llama-3.1-8B layer shapes (hidden 4096, 32 query heads, 8 KV heads, head dim
 128, intermediate 14336) with random weights and ``--layers`` layers, batch 1. The KV caches

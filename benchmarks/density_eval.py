@@ -1,4 +1,4 @@
-"""``python -m sparse_attn equal-density``: relative output error of every method at equal
+"""``python -m benchmarks equal-density``: relative output error of every method at equal
 density, on the reference model's real attention (each layer) and on LLM-shaped synthetic
 attention (each query scale), at 2% and 5% of the valid tokens.
 
@@ -25,9 +25,9 @@ import numpy as np
 
 import sparse_attn as sa
 from models import checkpoint
-from models import estimator_eval as ee
-from models.reference import tasks
-from models.task_codec import Codec
+from benchmarks import estimator_eval as ee
+from benchmarks.reference import tasks
+from benchmarks.task_codec import Codec
 from sparse_attn import synthetic
 
 # Relative errors below this count as equal: half the spacing of bfloat16 (2^-8 relative),

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from models.estimator_eval import summarize
+from benchmarks.estimator_eval import summarize
 
 SAMPLERS = ("magicpig K=10 L=150", "vattention e=d=0.05")
 TOPK = "topk 2% (oracle)"
