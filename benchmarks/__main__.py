@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import sys
 
-import numpy as np
-
-from benchmarks import bench, compare, verify
+from benchmarks import bench, compare, harness, verify
 
 
 def _positive(parser, args, names):
@@ -58,7 +55,7 @@ def compare_main(argv: list[str]) -> int:
   result = compare.run(cfg, log=print)
   print(compare.format_report(result))
   if args.json:
-    compare.save_json(result, args.json)
+    harness.save_json(result, args.json)
     print(f"\nwrote {args.json}")
   compare.check_finite(result)
   return 0
@@ -138,8 +135,7 @@ def verify_main(argv: list[str]) -> int:
   report = verify.run(cfg, log=print)
   print(verify.format_report(report))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1, default=lambda x: np.asarray(x).tolist())
+    harness.save_json(report, args.json)
     print(f"\nwrote {args.json}")
   ok = verify.check(report)
   print(f"\nverified: {ok}")
@@ -186,7 +182,7 @@ def bench_main(argv: list[str]) -> int:
 def bench_sharded_main(args) -> int:
   # N simulated CPU devices where there is no accelerator. Nothing has touched a device
   # yet, so XLA still reads the flag when its backend starts (as for use_cpu_xla_flag).
-  if not has_accelerator():
+  if not harness.has_accelerator():
     flag = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
   from benchmarks import bench_sharded
@@ -201,7 +197,7 @@ def bench_sharded_main(args) -> int:
 def _print_and_save(text: str, report: dict, path: str | None) -> int:
   print(text)
   if path:
-    bench.save_json(report, path)
+    harness.save_json(report, path)
     print(f"\nwrote {path}")
   return 0
 
@@ -226,28 +222,9 @@ def equal_density_main(argv: list[str]) -> int:
   return _print_and_save(density_eval.format_report(report), report, args.json)
 
 
-def has_accelerator() -> bool:
-  return any(importlib.util.find_spec(name) for name in (
-      "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"))
-
-
-# XLA:CPU's concurrency-optimised scheduler doubles MagicPIG's compiled retrieval (36 ms
-# against 18 ms at 128K tokens on 2 cores; dense attention is unaffected, 110 against 106 ms).
-CPU_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def use_cpu_xla_flag() -> None:
-  """Adds ``CPU_XLA_FLAG`` to ``XLA_FLAGS`` before any computation, on machines without a GPU
-  plugin (the flag is for XLA:CPU, and an XLA that does not know a flag refuses to start).
-  Set ``XLA_FLAGS`` yourself, even to an empty string, to keep this off."""
-  if "XLA_FLAGS" in os.environ or has_accelerator():
-    return
-  os.environ["XLA_FLAGS"] = CPU_XLA_FLAG
-
-
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  use_cpu_xla_flag()
+  harness.use_cpu_xla_flag()
   if argv and argv[0] == "verify":
     return verify_main(argv[1:])
   if argv and argv[0] == "bench":

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import sparse_attn as sa
-from benchmarks import bench
+from benchmarks import harness
 from sparse_attn import synthetic
 from sparse_attn import distributed as dist
 
@@ -89,7 +89,8 @@ def run_one(cfg: Config, length: int, mesh, log) -> dict:
         return out
 
       steppers[label] = step
-  ms = {name: 1e3 * t for name, t in bench.interleaved_medians(steppers, steps).items()}
+  medians = harness.interleaved_medians(steppers, cfg.repeats)  # step 0 compiles
+  ms = {name: 1e3 * t for name, t in medians.items()}
   log(f"  n={length}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), file=sys.stderr)
   return {"length": length, "step_ms": ms, "bytes_per_device": memory}
 

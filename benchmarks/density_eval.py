@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
-from models import checkpoint
 from benchmarks import estimator_eval as ee
+from benchmarks import harness
 from benchmarks.reference import tasks
 from benchmarks.task_codec import Codec
+from models import checkpoint
 from sparse_attn import synthetic
 
 # Relative errors below this count as equal: half the spacing of bfloat16 (2^-8 relative),
@@ -59,10 +60,6 @@ class Config:
   seed: int = 0
 
 
-def _errors(out, exact) -> np.ndarray:
-  return ee.relative_error(out, exact).ravel()
-
-
 def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict:
   """Median error (and mean density) of every method on ``problems``: a list of
   ``(q, cache, exact_out)`` sharing shapes."""
@@ -75,7 +72,7 @@ def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict
       index = est.init(cache, jax.random.PRNGKey(index_key))
       for s in range(seeds):
         res = est.attend(q, cache, index, jax.random.PRNGKey(100 + s))
-        errs.append(_errors(res.out, exact))
+        errs.append(harness.relative_error(res.out, exact).ravel())
         dens.append(np.asarray(res.density).ravel())
         reads.append(np.asarray(res.stats.get("read", res.stats["selected"])).ravel()
                      / np.asarray(res.stats["valid"]).ravel())

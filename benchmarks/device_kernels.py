@@ -21,12 +21,12 @@ import argparse
 import json
 import math
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
@@ -47,13 +47,7 @@ def bandwidth(kind: str) -> float | None:
 
 def median_us(fn, *args) -> float:
   *args, repeats = args
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e6 * float(np.median(times))
+  return 1e6 * harness.median_seconds(lambda: fn(*args), repeats)  # after one warm-up call
 
 
 def max_diff(a, b) -> float:

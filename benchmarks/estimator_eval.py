@@ -44,9 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
-from models import checkpoint, decoding
-from benchmarks.task_codec import Codec
+from benchmarks import harness
 from benchmarks.reference import tasks
+from benchmarks.task_codec import Codec
+from models import checkpoint, decoding
 
 REFERENCE = str(pathlib.Path(__file__).resolve().parent / "reference" / "runs" / "ref-4x128"
                 / "hf")
@@ -197,12 +198,6 @@ def accuracy(model, group: list, ests: list, codec: Codec, cfg: Config, key) -> 
   return float(np.mean(hits))
 
 
-def relative_error(out, exact) -> np.ndarray:
-  a = np.asarray(out, np.float64)
-  b = np.asarray(exact, np.float64)
-  return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
-
-
 @jax.jit
 def oracle_top(q, cache: sa.KVCache):
   """``bool [B, Hq, S]``: the ``ceil(0.02 n)`` valid tokens of highest exact score."""
@@ -305,7 +300,7 @@ def measure(est: sa.Estimator, name: str, att: Attention, layer: int, cfg: Confi
     for s in range(draws):
       k_attend = jax.random.fold_in(key, 1000 * i + s)
       res = attend(q, cache, index, k_attend)
-      err = relative_error(res.out, exact)
+      err = harness.relative_error(res.out, exact)
       errors.append(err)
       density.append(np.asarray(res.density))
       if name.startswith("vattention"):

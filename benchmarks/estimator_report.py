@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.estimator_eval import summarize
 
 SAMPLERS = ("magicpig K=10 L=150", "vattention e=d=0.05")
@@ -124,19 +123,7 @@ def to_json(report: dict) -> dict:
 
 
 def save_json(report: dict, path: str) -> None:
-  def clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-      return None
-    if isinstance(x, dict):
-      return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [clean(v) for v in x]
-    if isinstance(x, (np.bool_, np.integer, np.floating)):
-      return clean(x.item())
-    return x
-
-  with open(path, "w") as f:
-    json.dump(clean(to_json(report)), f, indent=1)
+  harness.save_json(to_json(report), path)
 
 
 def plot(report: dict, path: str) -> None:

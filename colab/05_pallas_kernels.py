@@ -53,7 +53,7 @@ if "google.colab" in sys.modules:
 # %%
 import time
 
-from benchmarks.__main__ import use_cpu_xla_flag
+from benchmarks.harness import use_cpu_xla_flag
 
 # Before any computation: on a machine without a GPU or TPU plugin, turn off XLA:CPU's
 # concurrency-optimised scheduler (it doubles MagicPIG's retrieval time on 2 cores), as
