@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
-from benchmarks import harness
+from benchmarks import harness, methods
 from sparse_attn import synthetic
 
 
@@ -114,8 +114,9 @@ def run(cfg: Config = Config(), log=print) -> dict:
   problem = Problem(cfg)
   key = jax.random.PRNGKey(cfg.seed + 1)
   cache = problem.cache
-  magicpigs = {"magicpig K=10 L=150": sa.magicpig(K=10, L=150, sinks=cfg.sinks, local=cfg.local),
-               "magicpig K=8 L=75": sa.magicpig(K=8, L=75, sinks=cfg.sinks, local=cfg.local)}
+  context = methods.Context(sinks=cfg.sinks, local=cfg.local, epsilon=0.05, delta=0.05)
+  magicpigs = {name: m.make(context) for name, m in methods.COMPARE.items()
+               if m.family == "magicpig"}
   indices, build_time = {}, {}
 
   def build(name, est):
@@ -131,24 +132,21 @@ def run(cfg: Config = Config(), log=print) -> dict:
   scale = cfg.headline_scale
   q = problem.q(scale)
   exact = problem.exact(scale)
-  methods = {"dense": sa.dense(), "streaming": sa.streaming(cfg.sinks, cfg.local)}
-  methods.update(magicpigs)
+  ests = {"dense": sa.dense(), "streaming": sa.streaming(cfg.sinks, cfg.local)}
+  ests.update(magicpigs)
   base_density = float(magicpigs["magicpig K=10 L=150"].attend(
       q, cache, indices["magicpig K=10 L=150"], key).density.mean())
   for kind, est in problem.matched(base_density).items():
-    methods[f"{kind} (same density)"] = est
-  methods["topk simhash 128b (same k)"] = problem.matched(base_density, predictor=sa.predictors.simhash())[
-      "topk"]
-  methods["topp p=0.9 (oracle)"] = sa.topp(0.9)
-  for guarantee in ("denominator", "output"):
-    methods[f"vattention {guarantee} e=d=0.05"] = sa.vattention(
-        0.05, 0.05, guarantee=guarantee, sinks=cfg.sinks, local=cfg.local)
+    ests[f"{kind} (same density)"] = est
+  ests["topk simhash 128b (same k)"] = problem.matched(
+      base_density, predictor=sa.predictors.simhash())["topk"]
   untrained, trained = train_hash_heads(cfg, log)
-  methods["spotlight (trained) 2%"] = sa.spotlight(trained, sinks=cfg.sinks, local=cfg.local)
-  methods["linear hash (same bits, untrained)"] = sa.spotlight(untrained, sinks=cfg.sinks,
-                                                               local=cfg.local)
+  heads = {"trained": trained, "untrained": untrained, None: None}
+  for name, m in methods.COMPARE.items():  # top-p, vAttention, Spotlight and its baseline
+    if m.family != "magicpig":
+      ests[name] = m.make(context._replace(hash_params=heads[m.hash_heads]))
   thunks, rows = {}, {}
-  for name, est in methods.items():
+  for name, est in ests.items():
     if name not in indices:
       build(name, est)
     thunks[name] = (lambda e, i: lambda: e.attend(q, cache, i, key))(est, indices[name])
@@ -228,7 +226,8 @@ def format_report(result: dict) -> str:
     cells = {k: e[k] for k in ("magicpig", "uniform", "topk")}
     best = min(cells, key=lambda k: cells[k]["err_median"])
     fmt = lambda c: f"{c['err_median']:.3f} / {c['err_p95']:.3f}"  # noqa: E731
-    lines.append(f"{e['query_scale']:>6}  {e['config'][9:]:<20}{e['magicpig']['density']:>9.4f}"
+    tables = "K={K} L={L}".format(**methods.COMPARE[e["config"]].settings)
+    lines.append(f"{e['query_scale']:>6}  {tables:<20}{e['magicpig']['density']:>9.4f}"
                  f"  {fmt(cells['magicpig']):>15}  {fmt(cells['uniform']):>15}"
                  f"  {fmt(cells['topk']):>15}  {best}")
   return "\n".join(lines)

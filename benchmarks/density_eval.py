@@ -25,7 +25,7 @@ import numpy as np
 
 import sparse_attn as sa
 from benchmarks import estimator_eval as ee
-from benchmarks import harness
+from benchmarks import harness, methods
 from benchmarks.reference import tasks
 from benchmarks.task_codec import Codec
 from models import checkpoint
@@ -38,8 +38,7 @@ from sparse_attn import synthetic
 # near-one-hot attention).
 RESOLUTION = 1e-3
 BASELINES = ("topk (oracle)", "magicpig (interpolated)", "vattention uniform")
-PROPOSALS = ("vattention simhash", "vattention spotlight", "simhash least-error",
-             "spotlight least-error")
+PROPOSALS = tuple(name for name in methods.EQUAL_DENSITY if name not in BASELINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +94,9 @@ def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict
                                       np.log(errs[order])))),
       "density": density if inside else float(dens[order][0 if density < dens.min() else -1]),
       "read": density, "grid": grid, "interpolated": bool(inside)}
-  common = dict(density=density, guarantee="output", **window)
-  out["vattention uniform"] = run(sa.vattention_importance(proposal=None, **common), cfg.seeds)
-  for unbiased, suffix in ((True, ""), (False, " least-error")):
-    for name in ("simhash", "spotlight"):
-      codes = (sa.predictors.simhash(bits=1024) if name == "simhash" else
-               sa.predictors.spotlight(hash_params))
-      row = f"vattention {name}" if unbiased else name + suffix
-      out[row] = run(sa.vattention_importance(proposal=codes, unbiased=unbiased, **common),
-                     cfg.seeds)
+  context = methods.Context(density=density, hash_params=hash_params, **window)
+  for name, method in methods.EQUAL_DENSITY.items():  # uniform residual and proposals
+    out[name] = run(method.make(context), cfg.seeds)
   return out
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
-from benchmarks import harness
+from benchmarks import harness, methods
 from sparse_attn import synthetic
 
 
@@ -121,9 +121,8 @@ def estimator(cfg: Config, guarantee: str, epsilon: float, proposal: str,
   if proposal == "uniform":
     predictor = {"oracle": sa.predictors.oracle, "simhash": sa.predictors.simhash}[cfg.predictor]
     return sa.vattention(epsilon, cfg.delta, guarantee=guarantee, predictor=predictor())
-  codes = (sa.predictors.simhash(bits=1024) if proposal == "simhash" else
-           sa.predictors.spotlight(hash_params))
-  return sa.vattention_importance(epsilon, cfg.delta, guarantee=guarantee, proposal=codes)
+  return sa.vattention_importance(epsilon, cfg.delta, guarantee=guarantee,
+                                  proposal=methods.proposal_codes(proposal, hash_params))
 
 
 def run(cfg: Config = Config(), log=print) -> dict:
