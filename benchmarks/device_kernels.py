@@ -2,7 +2,7 @@
 
 Run on a GPU (or TPU) machine from the repository root::
 
-  python benchmarks/device_kernels.py --json $OUT/device_kernels.json
+  python -m benchmarks.device_kernels --json $OUT/device_kernels.json
 
 1. Every kernel, compiled (``interpret=False``), against its jnp reference on shapes that are
    not multiples of the block sizes, in float32 and bfloat16 where it applies.

@@ -20,8 +20,8 @@ its append; ``*_kept`` variants select with the kernels not yet verified on a de
 sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json`` after
 every row (a run cut short still reports).
 
-  python benchmarks/gpu_decode.py --json $OUT/gpu_decode.json          # on the device
-  python benchmarks/gpu_decode.py --small                              # CPU smoke test
+  python -m benchmarks.gpu_decode --json $OUT/gpu_decode.json          # on the device
+  python -m benchmarks.gpu_decode --small                              # CPU smoke test
 """
 
 from __future__ import annotations
