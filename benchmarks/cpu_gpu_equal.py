@@ -8,8 +8,8 @@ them and compares: positions must be identical (on the CPU run's codes; whether 
 hashed every key to the same code is reported), outputs within bf16 output rounding (the
 kernels accumulate in another order).
 
-  JAX_PLATFORMS=cpu python benchmarks/cpu_gpu_equal.py --save /tmp/cpu.npz
-  python benchmarks/cpu_gpu_equal.py --against /tmp/cpu.npz --json $OUT/cpu_gpu_equal.json
+  JAX_PLATFORMS=cpu python -m benchmarks.cpu_gpu_equal --save /tmp/cpu.npz
+  python -m benchmarks.cpu_gpu_equal --against /tmp/cpu.npz --json $OUT/cpu_gpu_equal.json
 """
 
 from __future__ import annotations

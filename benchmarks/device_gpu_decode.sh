@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared accelerator run for the GPU decode work (about 6 minutes on an H200), results
 # under $OUT, each step writing its JSON as it goes:
-#  1. benchmarks/device_kernels.py: every Pallas kernel compiled against its jnp reference;
-#  2. benchmarks/cpu_gpu_equal.py: the GPU path selects what the CPU path selects;
-#  3. benchmarks/torch_flash_decode.py: torch SDPA decode (the peer) and the copy bandwidth;
-#  4. benchmarks/gpu_decode.py: decode steps in a compiled loop, dense and sparse, and
+#  1. benchmarks.device_kernels: every Pallas kernel compiled against its jnp reference;
+#  2. benchmarks.cpu_gpu_equal: the GPU path selects what the CPU path selects;
+#  3. benchmarks.torch_flash_decode: torch SDPA decode (the peer) and the copy bandwidth;
+#  4. benchmarks.gpu_decode: decode steps in a compiled loop, dense and sparse, and
 #     retrieval (scores + selection) alone.
 # Knobs: KERNEL_ARGS (e.g. --no-timings), SKIP_TORCH=1, DECODE_TIMEOUT, DECODE_ARGS (e.g.
 # --hlo-dir "$OUT").
@@ -19,16 +19,16 @@ PY="${PYTHON:-python3}"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
   $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
   date -u
-  echo "== kernels"; timeout 120 $PY benchmarks/device_kernels.py --repeats 20 ${KERNEL_ARGS:-} --json "$OUT/device_kernels.json" | head -n 14
+  echo "== kernels"; timeout 120 $PY -m benchmarks.device_kernels --repeats 20 ${KERNEL_ARGS:-} --json "$OUT/device_kernels.json" | head -n 14
   echo "== cpu vs gpu"
-  JAX_PLATFORMS=cpu timeout 90 $PY benchmarks/cpu_gpu_equal.py --save /tmp/cpu_path.npz \
-    && timeout 90 $PY benchmarks/cpu_gpu_equal.py --against /tmp/cpu_path.npz --json "$OUT/cpu_gpu_equal.json" \
-    && SPARSE_ATTN_PALLAS=1 timeout 90 $PY benchmarks/cpu_gpu_equal.py --against /tmp/cpu_path.npz \
+  JAX_PLATFORMS=cpu timeout 90 $PY -m benchmarks.cpu_gpu_equal --save /tmp/cpu_path.npz \
+    && timeout 90 $PY -m benchmarks.cpu_gpu_equal --against /tmp/cpu_path.npz --json "$OUT/cpu_gpu_equal.json" \
+    && SPARSE_ATTN_PALLAS=1 timeout 90 $PY -m benchmarks.cpu_gpu_equal --against /tmp/cpu_path.npz \
       --json "$OUT/cpu_gpu_equal_pending.json"  # with the kernels not yet verified
   if [ "${SKIP_TORCH:-0}" != 1 ]; then
-    echo "== torch"; timeout 90 $PY benchmarks/torch_flash_decode.py --json "$OUT/torch_flash_decode.json" | grep -v '^ \|^[{}]'
+    echo "== torch"; timeout 90 $PY -m benchmarks.torch_flash_decode --json "$OUT/torch_flash_decode.json" | grep -v '^ \|^[{}]'
   fi
   echo "== jax decode loop"
-  timeout "${DECODE_TIMEOUT:-300}" $PY benchmarks/gpu_decode.py --json "$OUT/gpu_decode.json" ${DECODE_ARGS:-} | grep -v '^ \|^[{}]'
+  timeout "${DECODE_TIMEOUT:-300}" $PY -m benchmarks.gpu_decode --json "$OUT/gpu_decode.json" ${DECODE_ARGS:-} | grep -v '^ \|^[{}]'
   date -u
 } 2>&1 | tee "$OUT/log.txt"

@@ -2,7 +2,7 @@
 
 Run on a GPU (or TPU) machine from the repository root::
 
-  python benchmarks/device_kernels.py --json $OUT/device_kernels.json
+  python -m benchmarks.device_kernels --json $OUT/device_kernels.json
 
 1. Every kernel, compiled (``interpret=False``), against its jnp reference on shapes that are
    not multiples of the block sizes, in float32 and bfloat16 where it applies.
@@ -21,12 +21,12 @@ import argparse
 import json
 import math
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
@@ -47,13 +47,7 @@ def bandwidth(kind: str) -> float | None:
 
 def median_us(fn, *args) -> float:
   *args, repeats = args
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e6 * float(np.median(times))
+  return 1e6 * harness.median_seconds(lambda: fn(*args), repeats)  # after one warm-up call
 
 
 def max_diff(a, b) -> float:

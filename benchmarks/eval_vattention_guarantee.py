@@ -1,17 +1,17 @@
 """vAttention's (0.05, 0.05) output guarantee on the reference model's real attention, per
 layer, for the uniform residual and both hash-code proposals (Spotlight also with a certain
 slice of 512 tokens): the default evaluation's
-configuration restricted to those rows (``python -m sparse_attn eval`` runs the uniform one;
+configuration restricted to those rows (``python -m benchmarks eval`` runs the uniform one;
 ``--full`` all three, with more instances). About 5 minutes on 2 CPU cores.
 
-  python benchmarks/eval_vattention_guarantee.py [report.json]
+  python -m benchmarks.eval_vattention_guarantee [report.json]
 """
 
 import argparse
-import json
 import sys
 
-from models import estimator_eval as ee
+from benchmarks import estimator_eval as ee
+from benchmarks import harness
 
 METHODS = ("dense", "vattention e=d=0.05", "vattention simhash e=d=0.05",
            "vattention spotlight e=d=0.05", "vattention spotlight e=d=0.05 slice=512")
@@ -29,8 +29,7 @@ def main(argv: list[str]) -> int:
       print("   layer", layer, {k: round(v, 4) if isinstance(v, float) else v
                                  for k, v in f.items()})
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(summary, f, indent=1, default=str)
+    harness.save_json(summary, args.json)
   return 0
 
 

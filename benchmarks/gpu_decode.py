@@ -20,8 +20,8 @@ its append; ``*_kept`` variants select with the kernels not yet verified on a de
 sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json`` after
 every row (a run cut short still reports).
 
-  python benchmarks/gpu_decode.py --json $OUT/gpu_decode.json          # on the device
-  python benchmarks/gpu_decode.py --small                              # CPU smoke test
+  python -m benchmarks.gpu_decode --json $OUT/gpu_decode.json          # on the device
+  python -m benchmarks.gpu_decode --small                              # CPU smoke test
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 import unittest.mock
 
 import jax
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
+from benchmarks import harness
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import pack_signs as ps
@@ -153,27 +153,19 @@ def time_method(name, est, attend, patch, cache, steps, repeats, hlo_path=None):
       print(f"{name}: {len(big)} copies of cache-sized arrays, "
             f"{text.count(' while(')} while loops, {text.count('conditional(')} "
             f"conditionals", *big[:6], sep="\n  ", flush=True)
-    (cache, index), out = loop(cache, index, xs)  # compiles
-    jax.block_until_ready(out)
-    loop_times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      (cache, index), out = loop(cache, index, xs)
-      jax.block_until_ready(out)
-      loop_times.append(time.perf_counter() - start)
+    state = {"carry": (cache, index)}  # donated to each call, and returned grown
+
+    def run(fn, x):
+      state["carry"], state["out"] = fn(*state["carry"], x)
+      return state["out"]
+
+    loop_s = harness.median_seconds(lambda: run(loop, xs), repeats)  # the first call compiles
     x0 = jax.tree.map(lambda a: a[0], xs)
-    (cache, index), out = one(cache, index, x0)
-    jax.block_until_ready(out)
-    call_times = []
-    for _ in range(10):
-      start = time.perf_counter()
-      (cache, index), out = one(cache, index, x0)
-      jax.block_until_ready(out)
-      call_times.append(time.perf_counter() - start)
-  if not np.isfinite(float(jnp.sum(out))):
+    call_s = harness.median_seconds(lambda: run(one, x0), 10)
+  if not np.isfinite(float(jnp.sum(state["out"]))):
     raise FloatingPointError(f"{name}: non-finite output")
-  del index
-  return 1e3 * float(np.median(loop_times)) / steps, 1e3 * float(np.median(call_times)), cache
+  cache, _ = state.pop("carry")
+  return 1e3 * loop_s / steps, 1e3 * call_s, cache
 
 
 def decode_rows(args, params, report, save):
@@ -242,13 +234,8 @@ def retrieval_rows(args, report, save):
 
       loop = jax.jit(lambda qs, body=body: jax.lax.scan(body, jnp.int32(0), qs)[0])
       try:
-        jax.block_until_ready(loop(q_codes))
-        times = []
-        for _ in range(args.repeats):
-          start = time.perf_counter()
-          jax.block_until_ready(loop(q_codes))
-          times.append(time.perf_counter() - start)
-        row["us"][name] = 1e6 * float(np.median(times)) / args.steps
+        seconds = harness.median_seconds(lambda: loop(q_codes), args.repeats)
+        row["us"][name] = 1e6 * seconds / args.steps
       except Exception as err:  # noqa: BLE001
         row["us"][name] = f"failed: {type(err).__name__}: {str(err)[:300]}"
       print(f"retrieval {tokens}: {name} {row['us'][name]}", flush=True)

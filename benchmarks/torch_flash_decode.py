@@ -8,7 +8,7 @@ bytes / bandwidth floor of a dense decode step (read K and V once).
 
 torch is not a dependency of the package or its tests; this script runs on the device only:
 
-  python benchmarks/torch_flash_decode.py --json $OUT/torch_flash_decode.json
+  python -m benchmarks.torch_flash_decode --json $OUT/torch_flash_decode.json
 """
 
 from __future__ import annotations

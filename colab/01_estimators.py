@@ -34,19 +34,16 @@
 # It runs on a CPU in under 3 minutes (`SPARSE_ATTN_SMALL=1` shrinks it for CI).
 
 # %%
-# Install: on Colab, clone the repository (later cells read its reference model) and install it.
-# Locally and in CI this cell does nothing: run from a checkout after `pip install -e ".[test]"`.
+# Colab only: clone the repository (the notebooks read its reference model, fixtures and
+# benchmarks) and install it. Elsewhere this does nothing: run from a checkout after
+# `pip install -e ".[test]"`.
 import os
-import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-  REPO_DIR = "/content/sparse-attn"
-  if not os.path.exists(REPO_DIR):
-    subprocess.run(["git", "clone", "--depth", "1",
-                    "https://github.com/sparse-attn/sparse-attn", REPO_DIR], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO_DIR}[plot]"],
-                 check=True)
+  REPO_DIR = "/content/sparse-attn"  # a rerun keeps the clone (git refuses to clone again)
+  os.system(f"git clone -q --depth 1 https://github.com/sparse-attn/sparse-attn {REPO_DIR}")
+  os.system(f"{sys.executable} -m pip install -q -e '{REPO_DIR}[plot]'")
   sys.path.insert(0, REPO_DIR)
 
 # %%
@@ -69,7 +66,7 @@ SMALL = os.environ.get("SPARSE_ATTN_SMALL", "") not in ("", "0")  # CI: smaller 
 REPO = pathlib.Path(models.__file__).resolve().parents[1]  # the checkout (or Colab clone)
 # The model whose attention section 6 studies: an HF-style folder (config.json +
 # *.safetensors): the project's reference model.
-CHECKPOINT = REPO / "models" / "reference" / "runs" / "ref-4x128" / "hf"
+CHECKPOINT = REPO / "benchmarks" / "reference" / "runs" / "ref-4x128" / "hf"
 
 N = 4096 if SMALL else 16384  # tokens in the cache
 ROWS = 2 if SMALL else 4  # independent caches (queries) per temperature
@@ -381,7 +378,7 @@ for h, scale in enumerate(SCALES):
 # position `t` attends over keys `0..t`: a batch of caches that share the keys and differ in
 # `length` gives several decode queries at once.
 #
-# `CHECKPOINT` is the project's reference model (`models/reference/`): a 4-layer byte-level
+# `CHECKPOINT` is the project's reference model (`benchmarks/reference/`): a 4-layer byte-level
 # Llama trained on standard-library text and retrieval tasks, so its attention is learned
 # (it finds needles at 1024 tokens). The prompt is Python source text, byte by byte.
 
@@ -450,7 +447,7 @@ plt.show()
 
 # %% [markdown]
 # What to look for (the README's 16K and 128K tables show the same, with timings;
-# `python -m sparse_attn compare` prints them): on the flattest head the three methods are
+# `python -m benchmarks compare` prints them): on the flattest head the three methods are
 # close, since no small set of tokens matters; uniform sampling fails as soon as attention
 # peaks, because it rarely draws the few tokens that hold the mass; on the mid-entropy heads MagicPIG
 # matches or beats the oracle top-k once the density passes a few percent, without reading

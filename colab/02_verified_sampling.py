@@ -33,19 +33,16 @@
 # (`SPARSE_ATTN_SMALL=1` shrinks it for CI).
 
 # %%
-# Install: on Colab, clone the repository and install it. Locally and in CI this cell does
-# nothing: run from a checkout after `pip install -e ".[test]"`.
+# Colab only: clone the repository (the notebooks read its reference model, fixtures and
+# benchmarks) and install it. Elsewhere this does nothing: run from a checkout after
+# `pip install -e ".[test]"`.
 import os
-import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-  REPO_DIR = "/content/sparse-attn"
-  if not os.path.exists(REPO_DIR):
-    subprocess.run(["git", "clone", "--depth", "1",
-                    "https://github.com/sparse-attn/sparse-attn", REPO_DIR], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO_DIR}[plot]"],
-                 check=True)
+  REPO_DIR = "/content/sparse-attn"  # a rerun keeps the clone (git refuses to clone again)
+  os.system(f"git clone -q --depth 1 https://github.com/sparse-attn/sparse-attn {REPO_DIR}")
+  os.system(f"{sys.executable} -m pip install -q -e '{REPO_DIR}[plot]'")
   sys.path.insert(0, REPO_DIR)
 
 # %%
@@ -279,7 +276,7 @@ for (guarantee, epsilon), (fails, clipped, density) in coverage.items():
 # `CASES`); their trace bound is conservative, and their measured failure rates come out
 # well below `delta` (0.000 in the run quoted below).
 #
-# `python -m sparse_attn verify` runs the same experiment at full size (8 heads, n = 16384,
+# `python -m benchmarks verify` runs the same experiment at full size (8 heads, n = 16384,
 # 200 keys, five `(guarantee, epsilon)` cases; about a minute on 2 cores). The committed
 # result (`benchmarks/results/2026-11-26_cpu2core_verify_oracle.txt`): every unclipped head
 # kept its promise, worst failure rate 0.060 for the denominator at epsilon = 0.05 (bound

@@ -28,19 +28,16 @@
 # It runs on a CPU in under 3 minutes (`SPARSE_ATTN_SMALL=1` shrinks it for CI).
 
 # %%
-# Install: on Colab, clone the repository (section 2 loads its test fixtures) and install it.
-# Locally and in CI this cell does nothing: run from a checkout after `pip install -e ".[test]"`.
+# Colab only: clone the repository (the notebooks read its reference model, fixtures and
+# benchmarks) and install it. Elsewhere this does nothing: run from a checkout after
+# `pip install -e ".[test]"`.
 import os
-import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-  REPO_DIR = "/content/sparse-attn"
-  if not os.path.exists(REPO_DIR):
-    subprocess.run(["git", "clone", "--depth", "1",
-                    "https://github.com/sparse-attn/sparse-attn", REPO_DIR], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO_DIR}[plot]"],
-                 check=True)
+  REPO_DIR = "/content/sparse-attn"  # a rerun keeps the clone (git refuses to clone again)
+  os.system(f"git clone -q --depth 1 https://github.com/sparse-attn/sparse-attn {REPO_DIR}")
+  os.system(f"{sys.executable} -m pip install -q -e '{REPO_DIR}[plot]'")
   sys.path.insert(0, REPO_DIR)
 
 # %%

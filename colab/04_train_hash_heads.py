@@ -34,19 +34,16 @@
 # It runs on a CPU in under 3 minutes (`SPARSE_ATTN_SMALL=1` shrinks it for CI).
 
 # %%
-# Install: on Colab, clone the repository (section 2 loads its reference model) and install it.
-# Locally and in CI this cell does nothing: run from a checkout after `pip install -e ".[test]"`.
+# Colab only: clone the repository (the notebooks read its reference model, fixtures and
+# benchmarks) and install it. Elsewhere this does nothing: run from a checkout after
+# `pip install -e ".[test]"`.
 import os
-import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-  REPO_DIR = "/content/sparse-attn"
-  if not os.path.exists(REPO_DIR):
-    subprocess.run(["git", "clone", "--depth", "1",
-                    "https://github.com/sparse-attn/sparse-attn", REPO_DIR], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO_DIR}[plot]"],
-                 check=True)
+  REPO_DIR = "/content/sparse-attn"  # a rerun keeps the clone (git refuses to clone again)
+  os.system(f"git clone -q --depth 1 https://github.com/sparse-attn/sparse-attn {REPO_DIR}")
+  os.system(f"{sys.executable} -m pip install -q -e '{REPO_DIR}[plot]'")
   sys.path.insert(0, REPO_DIR)
 
 # %%
@@ -71,7 +68,7 @@ SMALL = os.environ.get("SPARSE_ATTN_SMALL", "") not in ("", "0")  # CI: smaller 
 REPO = pathlib.Path(models.__file__).resolve().parents[1]  # the checkout (or Colab clone)
 # The model whose queries and keys section 2 captures: an HF-style folder, the project's
 # reference model.
-CHECKPOINT = REPO / "models" / "reference" / "runs" / "ref-4x128" / "hf"
+CHECKPOINT = REPO / "benchmarks" / "reference" / "runs" / "ref-4x128" / "hf"
 STEPS = 200 if SMALL else 1000  # optimisation steps in section 3
 print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
 

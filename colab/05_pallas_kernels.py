@@ -35,29 +35,26 @@
 # under 3 minutes (`SPARSE_ATTN_SMALL=1` shrinks it for CI).
 
 # %%
-# Install: on Colab, clone the repository and install it. Locally and in CI this cell does
-# nothing: run from a checkout after `pip install -e ".[test]"`.
+# Colab only: clone the repository (the notebooks read its reference model, fixtures and
+# benchmarks) and install it. Elsewhere this does nothing: run from a checkout after
+# `pip install -e ".[test]"`.
 import os
-import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-  REPO_DIR = "/content/sparse-attn"
-  if not os.path.exists(REPO_DIR):
-    subprocess.run(["git", "clone", "--depth", "1",
-                    "https://github.com/sparse-attn/sparse-attn", REPO_DIR], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO_DIR}[plot]"],
-                 check=True)
+  REPO_DIR = "/content/sparse-attn"  # a rerun keeps the clone (git refuses to clone again)
+  os.system(f"git clone -q --depth 1 https://github.com/sparse-attn/sparse-attn {REPO_DIR}")
+  os.system(f"{sys.executable} -m pip install -q -e '{REPO_DIR}[plot]'")
   sys.path.insert(0, REPO_DIR)
 
 # %%
 import time
 
-from sparse_attn.__main__ import use_cpu_xla_flag
+from benchmarks.harness import use_cpu_xla_flag
 
 # Before any computation: on a machine without a GPU or TPU plugin, turn off XLA:CPU's
 # concurrency-optimised scheduler (it doubles MagicPIG's retrieval time on 2 cores), as
-# `python -m sparse_attn` does. On Colab's GPU/TPU runtimes this does nothing.
+# `python -m benchmarks` does. On Colab's GPU/TPU runtimes this does nothing.
 use_cpu_xla_flag()
 
 import jax  # noqa: E402
@@ -66,12 +63,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sparse_attn as sa  # noqa: E402
+from benchmarks import bench  # noqa: E402
 from pallas_kernels import backend  # noqa: E402
 from pallas_kernels import hamming_scores as hs  # noqa: E402
 from pallas_kernels import pack_signs as ps  # noqa: E402
 from pallas_kernels import sparse_decode_attention as sda  # noqa: E402
 from pallas_kernels import table_match_counts as tmc  # noqa: E402
-from sparse_attn import bench  # noqa: E402
 
 START = time.perf_counter()
 SMALL = os.environ.get("SPARSE_ATTN_SMALL", "") not in ("", "0")  # CI: smaller sizes
@@ -238,12 +235,12 @@ else:
 # %% [markdown]
 # ## 4. The decode-step benchmark
 #
-# `sparse_attn.bench.run(bench.Config(...))` times a whole decode step at Llama-3.1-8B layer
+# `benchmarks.bench.run(bench.Config(...))` times a whole decode step at Llama-3.1-8B layer
 # shapes (32 query / 8 KV heads, D = 128) for each length, batch and dtype: write one token,
 # `append` it to each estimator's index (in place) and `attend`, compiled as one function per
 # step, against two dense baselines (`jax.nn.dot_product_attention` and
 # `sa.dense_attention`); speedups are against the faster one. `bench.format_report` prints
-# the table; `python -m sparse_attn bench --lengths 131072 --batches 1 --dtypes float32` is
+# the table; `python -m benchmarks bench --lengths 131072 --batches 1 --dtypes float32` is
 # the command line. Here at a short length (the speedups grow with the context):
 
 # %%

@@ -154,10 +154,3 @@ def test_merge_of_any_split_equals_whole(split, lengths):
   np.testing.assert_allclose(np.asarray(merged.out), np.asarray(whole.out), rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(np.asarray(merged.lse), np.asarray(whole.lse), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(merged.density), 1.0)
-
-
-def test_dense_attention_matches_jax_nn_dot_product_attention_used_by_bench():
-  from sparse_attn.bench import dense_xla
-  q, cache = random_problem(9, lengths=(96, 50, 7), scale=2.0)
-  np.testing.assert_allclose(np.asarray(dense_xla(q, cache)),
-                             np.asarray(sa.dense_attention(q, cache).out), rtol=2e-5, atol=2e-6)

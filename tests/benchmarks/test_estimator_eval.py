@@ -1,4 +1,4 @@
-"""``python -m sparse_attn eval``: its probes against numpy, and a tiny end-to-end run."""
+"""``python -m benchmarks eval``: its probes against numpy, and a tiny end-to-end run."""
 
 import json
 import math
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import sparse_attn as sa
-from models import estimator_eval as ee
-from models import estimator_report as er
-from models import task_codec
-from models.reference import evaluation, tasks
-from sparse_attn.__main__ import main
+from benchmarks import estimator_eval as ee
+from benchmarks import estimator_report as er
+from benchmarks import task_codec
+from benchmarks.reference import evaluation, tasks
+from benchmarks.__main__ import main
 from tests.models import fixtures
 
 

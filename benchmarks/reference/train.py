@@ -2,7 +2,7 @@
 
 ::
 
-  python -m models.reference.train --out models/reference/runs/NAME [--minutes N] [--resume]
+  python -m benchmarks.reference.train --out benchmarks/reference/runs/NAME [--minutes N] [--resume]
 
 Recipe (``RECIPES["cpu75"]``, sized for about 75 minutes on one CPU core): a length curriculum
 128 -> 256 -> 512 -> 1024. The 128-byte phase is dense supervision: ``copy`` (every repeated
@@ -11,7 +11,7 @@ per 128 bytes, loss on the answers only) turns it into key lookup; natural text 
 language modelling (and previous-token heads) going. Later phases hide the records in longer
 haystacks and add the needle, variable-tracking and common-word tasks; the last phase trains
 at the evaluation length 1024. AdamW with warm-up and cosine decay. Attention is blockwise
-(``models.reference.attention``): masked blocks cost nothing.
+(``benchmarks.reference.attention``): masked blocks cost nothing.
 
 Everything is seeded: the model from ``seed``, the batch of step ``s`` from
 ``numpy.random.default_rng([seed, 1, s])`` (so the data RNG state is the step), the evaluation
@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from models.config import LlamaConfig
 from models.llama import Llama
-from models.reference import evaluation, export, tasks
-from models.reference.attention import forward_logits
+from benchmarks.reference import evaluation, export, tasks
+from benchmarks.reference.attention import forward_logits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""The equal-density experiment (``python -m sparse_attn equal-density``), on a tiny config."""
+"""The equal-density experiment (``python -m benchmarks equal-density``), on a tiny config."""
 
 import numpy as np
 
-from models import density_eval as de
+from benchmarks import density_eval as de
 
 TINY = de.Config(densities=(0.05,), seeds=1, magicpig_tables=(10, 80), tasks=("needle_single",),
                  instances=1, queries=1, hash_steps=3, synthetic_length=2048,

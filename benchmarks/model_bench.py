@@ -1,6 +1,6 @@
 """Decode-step timing of a Llama-3.1-8B-shaped model: dense attention vs sparse estimators.
 
-``python -m models.bench [--length 65536] [--layers 2] [--json PATH]``
+``python -m benchmarks.model_bench [--length 65536] [--layers 2] [--json PATH]``
 
 The model has Llama-3.1-8B layer shapes (hidden 4096, 32 query heads, 8 KV heads, head dim
 128, intermediate 14336) with random weights and ``--layers`` layers, batch 1. The KV caches
@@ -19,9 +19,6 @@ and the ratio dense / method of each.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 import sparse_attn as sa
+from benchmarks import harness
 from models.config import LlamaConfig, RopeScaling
 from models.decoding import decode_step, layer_estimators, start_decode
 from models.llama import Llama
@@ -81,12 +79,6 @@ def _attend_all(ests):
   return run
 
 
-def _timed(fn, *args):
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start, out
-
-
 def run(length: int, layers: int, repeats: int, warmup: int, dtype: str, vocab: int,
         intermediate: int, names: list[str]) -> dict:
   """Times every method; returns the report as a dict."""
@@ -111,23 +103,23 @@ def run(length: int, layers: int, repeats: int, warmup: int, dtype: str, vocab: 
     jax.block_until_ready(attend[name](q, state, key))
     density[name] = float(np.asarray(dens).mean())
     print(f"warmed up {name}", flush=True)
-  step_times = {name: [] for name in names}
-  attend_times = {name: [] for name in names}
-  for _ in range(repeats):  # interleaved
-    for name in names:
-      attention = all_methods[name]
-      dt, (_, states[name], _) = _timed(
-          lambda s: decode_step(model, s, token, attention=attention, key=key), states[name])
-      step_times[name].append(dt)
-      dt, _ = _timed(attend[name], q, states[name], key)
-      attend_times[name].append(dt)
+  timed = {}
+  for name in names:  # each method's step, then its attend alone, then the next method's
+    def step(i, name=name):
+      out = decode_step(model, states[name], token, attention=all_methods[name], key=key)
+      states[name] = out[1]
+      return out
+
+    timed[name, "step"] = step
+    timed[name, "attend"] = lambda i, name=name: attend[name](q, states[name], key)
+  medians = harness.interleaved_medians(timed, repeats, warmup=0)  # warmed up above
   report = {"length": length, "layers": layers, "dtype": dtype.name, "vocab": vocab,
             "intermediate": intermediate, "repeats": repeats, "device": str(jax.devices()[0]),
             "methods": {}}
-  dense_step = statistics.median(step_times["dense"]) if "dense" in names else None
-  dense_attend = statistics.median(attend_times["dense"]) if "dense" in names else None
+  dense_step = medians["dense", "step"] if "dense" in names else None
+  dense_attend = medians["dense", "attend"] if "dense" in names else None
   for name in names:
-    step, att = statistics.median(step_times[name]), statistics.median(attend_times[name])
+    step, att = medians[name, "step"], medians[name, "attend"]
     report["methods"][name] = {
         "step_ms": 1e3 * step, "attend_ms": 1e3 * att, "density": density[name],
         "step_speedup": dense_step / step if dense_step else None,
@@ -160,8 +152,7 @@ def main(argv=None) -> None:
     print(f"{name:12s} {r['step_ms']:9.1f} {step_x:>8s} {r['attend_ms']:10.2f} {att_x:>8s} "
           f"{r['density']:8.4f}")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=2)
+    harness.save_json(report, args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""``python -m sparse_attn eval``: every estimator on a trained model's real attention.
+"""``python -m benchmarks eval``: every estimator on a trained model's real attention.
 
-On held-out instances of the reference model's tasks (``models.reference.tasks``), for each
+On held-out instances of the reference model's tasks (``benchmarks.reference.tasks``), for each
 method:
 
 * **task accuracy**: the prompt up to the last answer is prefilled densely except its final
@@ -44,20 +44,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
+from benchmarks import harness, methods
+from benchmarks.reference import tasks
+from benchmarks.task_codec import Codec
 from models import checkpoint, decoding
-from models.task_codec import Codec
-from models.reference import tasks
 
 REFERENCE = str(pathlib.Path(__file__).resolve().parent / "reference" / "runs" / "ref-4x128"
                 / "hf")
 QUICK_TASKS = ("needle_single", "needle_multikey", "variable_tracking", "common_words")
 FULL_TASKS = QUICK_TASKS + ("mqar",)
+# Names in methods.EVAL, in the table's order.
 QUICK_METHODS = ("dense", "streaming", "topk 2% (oracle)", "magicpig K=10 L=150",
                  "vattention e=d=0.05", "spotlight 2% (trained)", "linear hash 2% (untrained)")
 FULL_METHODS = QUICK_METHODS[:3] + ("topp 0.9 (oracle)",) + QUICK_METHODS[3:4] + (
     "magicpig K=8 L=75",) + QUICK_METHODS[4:5] + (
         "vattention simhash e=d=0.05", "vattention spotlight e=d=0.05") + QUICK_METHODS[5:]
-ORACLE_FRACTION = 0.02
+ORACLE_FRACTION = methods.ORACLE_FRACTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,39 +91,10 @@ class Config:
                          attention_instances=8, seeds=8, hash_steps=300), **overrides})
 
 
-def make_method(name: str, cfg: Config, hash_params: dict | None) -> sa.Estimator:
-  window = dict(sinks=cfg.sinks, local=cfg.local)
-  if name == "dense":
-    return sa.dense()
-  if name == "streaming":
-    return sa.streaming(**window)
-  if name == "topk 2% (oracle)":
-    return sa.topk(fraction=ORACLE_FRACTION, **window)
-  if name == "topp 0.9 (oracle)":
-    return sa.topp(0.9)
-  if name.startswith("magicpig"):
-    K, L = (10, 150) if "K=10" in name else (8, 75)
-    # max_selected = 1: at head dim 32 collisions are frequent, and a cap would drop tokens.
-    return sa.magicpig(K=K, L=L, max_selected=1.0, **window)
-  if name.startswith("vattention"):  # e=d=0.05; the uniform residual or a proposal's
-    proposal = next((p for p in ("simhash", "spotlight") if p in name), "uniform")
-    extra = {}
-    if " slice=" in name:  # a proposal's certain slice, e.g. "... slice=512"
-      extra["certain_slice"] = int(name.rsplit(" slice=", 1)[1])
-    if proposal == "uniform":
-      return sa.vattention(cfg.epsilon, cfg.delta, guarantee="output", **window, **extra)
-    codes = (sa.predictors.simhash(bits=1024) if proposal == "simhash" else
-             sa.predictors.spotlight(hash_params))
-    return sa.vattention_importance(cfg.epsilon, cfg.delta, guarantee="output", proposal=codes,
-                                    **window, **extra)
-  if name.startswith(("spotlight", "linear hash")):
-    return sa.spotlight(hash_params, fraction=ORACLE_FRACTION, **window)
-  raise ValueError(f"unknown method {name!r}; choose from {list(FULL_METHODS)}")
-
-
-def value_dependent(name: str) -> bool:
-  """Whether the method's token set depends on the values (no IoU probe then)."""
-  return name.startswith("vattention")
+def make_method(method: methods.Method, cfg: Config, hash_params: dict | None) -> sa.Estimator:
+  """``method`` with the evaluation's exact window, epsilon and delta."""
+  return method.make(methods.Context(sinks=cfg.sinks, local=cfg.local, epsilon=cfg.epsilon,
+                                     delta=cfg.delta, hash_params=hash_params))
 
 
 def instances(cfg: Config, task: str, n: int, held_out: bool, corpus) -> list:
@@ -137,17 +110,14 @@ def layer_params(cfg: Config, model_cfg, trained: list | None, layer: int) -> di
                                    model_cfg.head_dim)
 
 
-def uses_hash_heads(name: str) -> bool:
-  return name.startswith(("spotlight", "linear hash")) or "spotlight" in name
-
-
-def layer_methods(cfg: Config, model_cfg, name: str, trained: list) -> list[sa.Estimator]:
+def layer_methods(cfg: Config, model_cfg, method: methods.Method,
+                  trained: list | None) -> list[sa.Estimator]:
   """One estimator per layer: the same object for every layer (so that each compiled
   function is reused), except those with Spotlight's heads, which differ per layer."""
-  if not uses_hash_heads(name):
-    return [make_method(name, cfg, None)] * model_cfg.num_layers
-  return [make_method(name, cfg, layer_params(
-      cfg, model_cfg, None if name.startswith("linear hash") else trained, layer))
+  if method.hash_heads is None:
+    return [make_method(method, cfg, None)] * model_cfg.num_layers
+  heads = trained if method.hash_heads == "trained" else None
+  return [make_method(method, cfg, layer_params(cfg, model_cfg, heads, layer))
           for layer in range(model_cfg.num_layers)]
 
 
@@ -195,12 +165,6 @@ def accuracy(model, group: list, ests: list, codec: Codec, cfg: Config, key) -> 
     hits += [codec.decode(ids[:n + codec.extra]).startswith(answer) for ids, n, answer, _ in
              zip(got, enc.answer_tokens, enc.answers, chunk)]
   return float(np.mean(hits))
-
-
-def relative_error(out, exact) -> np.ndarray:
-  a = np.asarray(out, np.float64)
-  b = np.asarray(exact, np.float64)
-  return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
 
 
 @jax.jit
@@ -293,25 +257,25 @@ def _init(est: sa.Estimator, cache, key):
   return est.init(cache, key)
 
 
-def measure(est: sa.Estimator, name: str, att: Attention, layer: int, cfg: Config,
-            key) -> dict:
+def measure(est: sa.Estimator, method: methods.Method, att: Attention, layer: int,
+            cfg: Config, key) -> dict:
   """Errors, densities and IoUs of ``est`` on one layer of one task (all positions)."""
   attend = functools.partial(_attend, est)
   init = functools.partial(_init, est)
   errors, density, ious, recalls, fails, clipped = [], [], [], [], [], []
   for i, (q, cache, exact, top) in enumerate(att.problems(layer)):
     index = init(cache, jax.random.fold_in(key, i))
-    draws = cfg.seeds if name.startswith("vattention") else 1
+    draws = cfg.seeds if method.samples else 1
     for s in range(draws):
       k_attend = jax.random.fold_in(key, 1000 * i + s)
       res = attend(q, cache, index, k_attend)
-      err = relative_error(res.out, exact)
+      err = harness.relative_error(res.out, exact)
       errors.append(err)
       density.append(np.asarray(res.density))
-      if name.startswith("vattention"):
+      if method.samples:
         fails.append(err > cfg.epsilon)
         clipped.append(np.asarray(res.stats["budget_clipped"], bool))
-    if not value_dependent(name):
+    if not method.samples:  # a value probe reads the tokens off
       got = np.asarray(entered(est, q, cache, index, k_attend))
       ious.append(iou(got, top))
       recalls.append(recall(got, top))
@@ -327,7 +291,7 @@ def measure(est: sa.Estimator, name: str, att: Attention, layer: int, cfg: Confi
 
 
 def run(cfg: Config = Config(), progress: bool = True) -> dict:
-  """The whole evaluation; returns the report (``models.estimator_report`` formats it)."""
+  """The whole evaluation; returns the report (``benchmarks.estimator_report`` formats it)."""
   begin = time.perf_counter()
   model, model_cfg = checkpoint.load_hf(cfg.model)
   codec = Codec(cfg.model, model_cfg.vocab_size)
@@ -335,7 +299,8 @@ def run(cfg: Config = Config(), progress: bool = True) -> dict:
     if not 0 <= layer < model_cfg.num_layers:
       raise ValueError(f"dense_layers must lie in [0, {model_cfg.num_layers}), got {layer}")
   corpus = tasks.load_corpus()
-  spotlight = any(uses_hash_heads(m) and not m.startswith("linear hash") for m in cfg.methods)
+  chosen = {name: methods.lookup(methods.EVAL, name) for name in cfg.methods}
+  spotlight = any(m.hash_heads == "trained" for m in chosen.values())
   total = (model_cfg.num_layers * spotlight + len(cfg.methods) * len(cfg.tasks)
            * (1 + model_cfg.num_layers))
   from tqdm.auto import tqdm
@@ -351,21 +316,21 @@ def run(cfg: Config = Config(), progress: bool = True) -> dict:
                            else (None, []))
   phase["hash heads"] += time.perf_counter() - clock
   key = jax.random.PRNGKey(cfg.seed + 1)
-  methods = {name: layer_methods(cfg, model_cfg, name, trained) for name in cfg.methods}
+  ests_of = {name: layer_methods(cfg, model_cfg, m, trained) for name, m in chosen.items()}
   acc = {m: {} for m in cfg.methods}
   layers = {m: {t: [] for t in cfg.tasks} for m in cfg.methods}
   for task in cfg.tasks:
     held_out = instances(cfg, task, max(cfg.instances, cfg.attention_instances), True, corpus)
     att = Attention(model, held_out[:cfg.attention_instances], codec, cfg)
-    for name, ests in methods.items():
+    for name, ests in ests_of.items():
       clock = time.perf_counter()
       acc[name][task] = accuracy(model, held_out[:cfg.instances],
-                                 None if name == "dense" else ests, codec, cfg, key)
+                                 None if chosen[name].family == "dense" else ests, codec, cfg, key)
       phase["accuracy"] += time.perf_counter() - clock
       tick(f"{task}: {name} accuracy")
       clock = time.perf_counter()
       for layer in range(model_cfg.num_layers):
-        layers[name][task].append(measure(ests[layer], name, att, layer, cfg, key))
+        layers[name][task].append(measure(ests[layer], chosen[name], att, layer, cfg, key))
         tick(f"{task}: {name} layer {layer}")
       phase["attention"] += time.perf_counter() - clock
   bar.close()

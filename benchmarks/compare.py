@@ -1,6 +1,6 @@
 """The comparison table: every estimator's error, density and decode-step time, one place.
 
-``python -m sparse_attn`` runs ``compare`` on built-in synthetic LLM-shaped attention
+``python -m benchmarks`` runs ``compare`` on built-in synthetic LLM-shaped attention
 (``sparse_attn.synthetic``): a table of estimators at one temperature, then a sweep of
 attention temperatures from flat to peaked where MagicPIG is compared with uniform sampling
 (Horvitz-Thompson weights) and oracle top-k *at the same average density*.
@@ -12,16 +12,15 @@ times are medians of interleaved runs after a warm-up (compilation), in this pro
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
+from benchmarks import harness, methods
 from sparse_attn import synthetic
 
 
@@ -46,30 +45,11 @@ class Config:
   hash_train_queries: int = 64
 
 
-def relative_errors(out: jax.Array, exact: jax.Array) -> np.ndarray:
-  """``||o_hat - o|| / ||o||`` per query, flattened, in float64."""
-  a = np.asarray(out, np.float32).astype(np.float64)
-  b = np.asarray(exact, np.float32).astype(np.float64)
-  return (np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)).ravel()
-
-
-def summarize(errors: np.ndarray, density: jax.Array) -> dict:
+def summarize(out: jax.Array, exact: jax.Array, density: jax.Array) -> dict:
+  errors = harness.relative_error(out, exact).ravel()
   d = np.asarray(density, np.float64)
   return {"density": float(d.mean()), "err_median": float(np.median(errors)),
           "err_p95": float(np.quantile(errors, 0.95)), "nan": bool(np.isnan(errors).any())}
-
-
-def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-  """Median wall time (seconds) of each thunk: one warm-up each, then interleaved runs."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 class Problem:
@@ -134,8 +114,9 @@ def run(cfg: Config = Config(), log=print) -> dict:
   problem = Problem(cfg)
   key = jax.random.PRNGKey(cfg.seed + 1)
   cache = problem.cache
-  magicpigs = {"magicpig K=10 L=150": sa.magicpig(K=10, L=150, sinks=cfg.sinks, local=cfg.local),
-               "magicpig K=8 L=75": sa.magicpig(K=8, L=75, sinks=cfg.sinks, local=cfg.local)}
+  context = methods.Context(sinks=cfg.sinks, local=cfg.local, epsilon=0.05, delta=0.05)
+  magicpigs = {name: m.make(context) for name, m in methods.COMPARE.items()
+               if m.family == "magicpig"}
   indices, build_time = {}, {}
 
   def build(name, est):
@@ -151,35 +132,33 @@ def run(cfg: Config = Config(), log=print) -> dict:
   scale = cfg.headline_scale
   q = problem.q(scale)
   exact = problem.exact(scale)
-  methods = {"dense": sa.dense(), "streaming": sa.streaming(cfg.sinks, cfg.local)}
-  methods.update(magicpigs)
+  ests = {"dense": sa.dense(), "streaming": sa.streaming(cfg.sinks, cfg.local)}
+  ests.update(magicpigs)
   base_density = float(magicpigs["magicpig K=10 L=150"].attend(
       q, cache, indices["magicpig K=10 L=150"], key).density.mean())
   for kind, est in problem.matched(base_density).items():
-    methods[f"{kind} (same density)"] = est
-  methods["topk simhash 128b (same k)"] = problem.matched(base_density, predictor=sa.predictors.simhash())[
-      "topk"]
-  methods["topp p=0.9 (oracle)"] = sa.topp(0.9)
-  for guarantee in ("denominator", "output"):
-    methods[f"vattention {guarantee} e=d=0.05"] = sa.vattention(
-        0.05, 0.05, guarantee=guarantee, sinks=cfg.sinks, local=cfg.local)
+    ests[f"{kind} (same density)"] = est
+  ests["topk simhash 128b (same k)"] = problem.matched(
+      base_density, predictor=sa.predictors.simhash())["topk"]
   untrained, trained = train_hash_heads(cfg, log)
-  methods["spotlight (trained) 2%"] = sa.spotlight(trained, sinks=cfg.sinks, local=cfg.local)
-  methods["linear hash (same bits, untrained)"] = sa.spotlight(untrained, sinks=cfg.sinks,
-                                                               local=cfg.local)
+  heads = {"trained": trained, "untrained": untrained, None: None}
+  for name, m in methods.COMPARE.items():  # top-p, vAttention, Spotlight and its baseline
+    if m.family != "magicpig":
+      ests[name] = m.make(context._replace(hash_params=heads[m.hash_heads]))
   thunks, rows = {}, {}
-  for name, est in methods.items():
+  for name, est in ests.items():
     if name not in indices:
       build(name, est)
     thunks[name] = (lambda e, i: lambda: e.attend(q, cache, i, key))(est, indices[name])
     res = thunks[name]()
-    rows[name] = summarize(relative_errors(res.out, exact.out), res.density)
+    rows[name] = summarize(res.out, exact.out, res.density)
     rows[name]["stats"] = {k: float(jnp.mean(v)) for k, v in res.stats.items()}
     rows[name]["index_build_s"] = build_time[name]
     log(f"  measured {name}", file=sys.stderr)
   hash_iou = {"trained": float(sa.train.topk_iou(trained, q[:, :, None], cache.keys)),
               "untrained": float(sa.train.topk_iou(untrained, q[:, :, None], cache.keys))}
-  times = median_times(thunks, cfg.repeats)
+  times = harness.interleaved_medians(
+      {name: (lambda f: lambda i: f())(thunk) for name, thunk in thunks.items()}, cfg.repeats)
   for name in rows:
     rows[name]["step_ms"] = 1e3 * times[name]
     rows[name]["speedup_vs_dense"] = times["dense"] / times[name]
@@ -192,10 +171,10 @@ def run(cfg: Config = Config(), log=print) -> dict:
     for name, est in magicpigs.items():
       res = est.attend(q, cache, indices[name], key)
       entry = {"query_scale": scale, "config": name,
-               "magicpig": summarize(relative_errors(res.out, exact.out), res.density)}
+               "magicpig": summarize(res.out, exact.out, res.density)}
       for kind, other in problem.matched(float(res.density.mean())).items():
         r = other.attend(q, cache, (), key)
-        entry[kind] = summarize(relative_errors(r.out, exact.out), r.density)
+        entry[kind] = summarize(r.out, exact.out, r.density)
       sweep.append(entry)
     log(f"  swept query_scale={scale}", file=sys.stderr)
   return {"config": dataclasses.asdict(cfg), "device": jax.devices()[0].device_kind,
@@ -247,15 +226,11 @@ def format_report(result: dict) -> str:
     cells = {k: e[k] for k in ("magicpig", "uniform", "topk")}
     best = min(cells, key=lambda k: cells[k]["err_median"])
     fmt = lambda c: f"{c['err_median']:.3f} / {c['err_p95']:.3f}"  # noqa: E731
-    lines.append(f"{e['query_scale']:>6}  {e['config'][9:]:<20}{e['magicpig']['density']:>9.4f}"
+    tables = "K={K} L={L}".format(**methods.COMPARE[e["config"]].settings)
+    lines.append(f"{e['query_scale']:>6}  {tables:<20}{e['magicpig']['density']:>9.4f}"
                  f"  {fmt(cells['magicpig']):>15}  {fmt(cells['uniform']):>15}"
                  f"  {fmt(cells['topk']):>15}  {best}")
   return "\n".join(lines)
-
-
-def save_json(result: dict, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1, default=float)
 
 
 def check_finite(result: dict) -> None:

@@ -1,4 +1,4 @@
-"""``python -m sparse_attn equal-density``: relative output error of every method at equal
+"""``python -m benchmarks equal-density``: relative output error of every method at equal
 density, on the reference model's real attention (each layer) and on LLM-shaped synthetic
 attention (each query scale), at 2% and 5% of the valid tokens.
 
@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
+from benchmarks import estimator_eval as ee
+from benchmarks import harness, methods
+from benchmarks.reference import tasks
+from benchmarks.task_codec import Codec
 from models import checkpoint
-from models import estimator_eval as ee
-from models.reference import tasks
-from models.task_codec import Codec
 from sparse_attn import synthetic
 
 # Relative errors below this count as equal: half the spacing of bfloat16 (2^-8 relative),
@@ -37,8 +38,7 @@ from sparse_attn import synthetic
 # near-one-hot attention).
 RESOLUTION = 1e-3
 BASELINES = ("topk (oracle)", "magicpig (interpolated)", "vattention uniform")
-PROPOSALS = ("vattention simhash", "vattention spotlight", "simhash least-error",
-             "spotlight least-error")
+PROPOSALS = tuple(name for name in methods.EQUAL_DENSITY if name not in BASELINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +59,6 @@ class Config:
   seed: int = 0
 
 
-def _errors(out, exact) -> np.ndarray:
-  return ee.relative_error(out, exact).ravel()
-
-
 def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict:
   """Median error (and mean density) of every method on ``problems``: a list of
   ``(q, cache, exact_out)`` sharing shapes."""
@@ -75,7 +71,7 @@ def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict
       index = est.init(cache, jax.random.PRNGKey(index_key))
       for s in range(seeds):
         res = est.attend(q, cache, index, jax.random.PRNGKey(100 + s))
-        errs.append(_errors(res.out, exact))
+        errs.append(harness.relative_error(res.out, exact).ravel())
         dens.append(np.asarray(res.density).ravel())
         reads.append(np.asarray(res.stats.get("read", res.stats["selected"])).ravel()
                      / np.asarray(res.stats["valid"]).ravel())
@@ -98,15 +94,9 @@ def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict
                                       np.log(errs[order])))),
       "density": density if inside else float(dens[order][0 if density < dens.min() else -1]),
       "read": density, "grid": grid, "interpolated": bool(inside)}
-  common = dict(density=density, guarantee="output", **window)
-  out["vattention uniform"] = run(sa.vattention_importance(proposal=None, **common), cfg.seeds)
-  for unbiased, suffix in ((True, ""), (False, " least-error")):
-    for name in ("simhash", "spotlight"):
-      codes = (sa.predictors.simhash(bits=1024) if name == "simhash" else
-               sa.predictors.spotlight(hash_params))
-      row = f"vattention {name}" if unbiased else name + suffix
-      out[row] = run(sa.vattention_importance(proposal=codes, unbiased=unbiased, **common),
-                     cfg.seeds)
+  context = methods.Context(density=density, hash_params=hash_params, **window)
+  for name, method in methods.EQUAL_DENSITY.items():  # uniform residual and proposals
+    out[name] = run(method.make(context), cfg.seeds)
   return out
 
 

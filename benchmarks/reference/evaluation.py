@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from models.reference import tasks
-from models.reference.attention import forward_logits
+from benchmarks.reference import tasks
+from benchmarks.reference.attention import forward_logits
 
 # (task, length, instances) of the evaluation run during training (held-out text).
 TRAINING_SUITE = (

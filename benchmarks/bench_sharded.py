@@ -1,4 +1,4 @@
-"""``python -m sparse_attn bench --devices N``: the sequence-sharded decode step against one
+"""``python -m benchmarks bench --devices N``: the sequence-sharded decode step against one
 device, and the memory each device holds.
 
 Same shapes and step as ``bench`` (Llama-3.1-8B layer: 32 query / 8 KV heads, D = 128; every
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 import sparse_attn as sa
-from sparse_attn import bench, synthetic
+from benchmarks import harness
+from sparse_attn import synthetic
 from sparse_attn import distributed as dist
 
 METHODS = ("dense", "streaming", "magicpig")
@@ -88,7 +89,8 @@ def run_one(cfg: Config, length: int, mesh, log) -> dict:
         return out
 
       steppers[label] = step
-  ms = {name: 1e3 * t for name, t in bench.interleaved_medians(steppers, steps).items()}
+  medians = harness.interleaved_medians(steppers, cfg.repeats)  # step 0 compiles
+  ms = {name: 1e3 * t for name, t in medians.items()}
   log(f"  n={length}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), file=sys.stderr)
   return {"length": length, "step_ms": ms, "bytes_per_device": memory}
 
@@ -96,7 +98,7 @@ def run_one(cfg: Config, length: int, mesh, log) -> dict:
 def run(cfg: Config = Config(), log=print) -> dict:
   if len(jax.devices()) < cfg.devices:
     raise ValueError(f"--devices {cfg.devices} needs that many devices; JAX sees "
-                     f"{len(jax.devices())} (on a CPU, run it through python -m sparse_attn, "
+                     f"{len(jax.devices())} (on a CPU, run it through python -m benchmarks, "
                      "which simulates them, or set XLA_FLAGS=--xla_force_host_platform_"
                      f"device_count={cfg.devices} before JAX starts)")
   mesh = dist.sequence_mesh(cfg.devices)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import numpy as np
 
-from models.estimator_eval import summarize
+from benchmarks import harness, methods
+from benchmarks.estimator_eval import summarize
 
 SAMPLERS = ("magicpig K=10 L=150", "vattention e=d=0.05")
 TOPK = "topk 2% (oracle)"
@@ -36,8 +35,9 @@ def claims(report: dict, rows: dict) -> list[dict]:
         numbers[TOPK]["err_aggregation"] > numbers[s]["err_aggregation"] for s in samplers)
     out.append({"claim": "top-k degrades on aggregation (common words) while sampling holds",
                 "numbers": numbers, "confirmed": holds})
-  trained = next((m for m in rows if m.startswith("spotlight")), None)
-  linear = next((m for m in rows if m.startswith("linear hash")), None)
+  spotlights = {methods.EVAL[m].hash_heads: m for m in reversed(rows)
+                if methods.EVAL[m].family == "spotlight"}  # the first of each
+  trained, linear = spotlights.get("trained"), spotlights.get("untrained")
   if trained and linear:
     sparse = [l for l in range(report["model"]["layers"])
               if l not in report["config"]["dense_layers"]]
@@ -45,11 +45,18 @@ def claims(report: dict, rows: dict) -> list[dict]:
     out.append({"claim": "trained Spotlight codes beat a linear hash of the same bits on "
                          "top-2% IoU", "numbers": {"trained": t_iou, "linear": l_iou},
                 "confirmed": all(t_iou[l] > l_iou[l] for l in sparse)})
-  for vatt in (m for m in rows if m.startswith("vattention")):
+  for vatt in (m for m in rows if methods.EVAL[m].samples):
     per_layer = rows[vatt]["vattention_failure"]
-    out.append({"claim": f"{vatt.split(' e=')[0]} meets its (epsilon, delta) on real attention",
+    out.append({"claim": f"{sampler(methods.EVAL[vatt])} meets its (epsilon, delta) on real "
+                         "attention",
                 "numbers": per_layer, "confirmed": all(r["ok"] for r in per_layer)})
   return out
+
+
+def sampler(method: methods.Method) -> str:
+  """``vattention`` (the uniform residual) or ``vattention <proposal>``."""
+  proposal = method.settings.get("proposal", "uniform")
+  return "vattention" if proposal == "uniform" else f"vattention {proposal}"
 
 
 def verdict(flag) -> str:
@@ -124,19 +131,7 @@ def to_json(report: dict) -> dict:
 
 
 def save_json(report: dict, path: str) -> None:
-  def clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-      return None
-    if isinstance(x, dict):
-      return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [clean(v) for v in x]
-    if isinstance(x, (np.bool_, np.integer, np.floating)):
-      return clean(x.item())
-    return x
-
-  with open(path, "w") as f:
-    json.dump(clean(to_json(report)), f, indent=1)
+  harness.save_json(to_json(report), path)
 
 
 def plot(report: dict, path: str) -> None:

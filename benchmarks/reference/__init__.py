@@ -11,7 +11,7 @@ trained on Python standard-library text and RULER-style long-context tasks, so t
 * ``evaluation``: per-task teacher-forced exact match on fixed held-out instances.
 * ``export``: a ``models.Llama`` -> Hugging Face folder (``models.load_hf`` loads it).
 * ``train``: the seeded, resumable training script
-  (``python -m models.reference.train --out DIR [--minutes N] [--resume]``).
+  (``python -m benchmarks.reference.train --out DIR [--minutes N] [--resume]``).
 
-Committed runs live in ``models/reference/runs/<name>/`` (``hf/`` and ``train_log.jsonl``).
+Committed runs live in ``benchmarks/reference/runs/<name>/`` (``hf/`` and ``train_log.jsonl``).
 """

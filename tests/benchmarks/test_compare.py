@@ -1,8 +1,8 @@
-"""python -m sparse_attn compare runs end to end at a small size."""
+"""python -m benchmarks compare runs end to end at a small size."""
 
 import json
 
-from sparse_attn import __main__ as cli
+from benchmarks import __main__ as cli
 
 
 def test_main_job_prints_the_table_and_writes_json(tmp_path, capsys):

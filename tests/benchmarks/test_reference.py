@@ -13,7 +13,7 @@ from flax import nnx
 
 import models
 from models.llama import causal_attention
-from models.reference import attention, evaluation, tasks, train
+from benchmarks.reference import attention, evaluation, tasks, train
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8)
 MIX = (("mqar", 0.4), ("needle_single", 0.2), ("variable_tracking", 0.2), ("text", 0.2))

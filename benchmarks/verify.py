@@ -1,4 +1,4 @@
-"""``python -m sparse_attn verify``: does vAttention keep its (epsilon, delta) promise?
+"""``python -m benchmarks verify``: does vAttention keep its (epsilon, delta) promise?
 
 The coverage experiment: heads from flat to peaked (query scales spaced geometrically from
 0.2 to 4 on ``sparse_attn.synthetic`` data, one KV head each), many independent sampling
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_attn as sa
+from benchmarks import harness, methods
 from sparse_attn import synthetic
 
 
@@ -48,24 +49,13 @@ def problem(cfg: Config):
   return scales, q, cache
 
 
-def relative_errors(res: sa.AttentionResult, exact: sa.AttentionResult) -> dict[str, jax.Array]:
-  """Relative errors of the denominator, numerator and output, per query."""
-  ratio = jnp.exp(res.lse - exact.lse)
-  out, ref = res.out.astype(jnp.float32), exact.out.astype(jnp.float32)
-  norm = jnp.linalg.norm(ref, axis=-1)
-  return {"denominator": jnp.abs(ratio - 1.0),
-          "numerator": jnp.linalg.norm(ratio[..., None] * out - ref, axis=-1) / norm,
-          "output": jnp.linalg.norm(out - ref, axis=-1) / norm,
-          "ratio": ratio}
-
-
 def coverage(cfg: Config, est: sa.Estimator, q, cache, exact, guarantee: str, epsilon: float):
   """Runs ``cfg.trials`` keys; returns per-head arrays (numpy)."""
   index = est.init(cache, jax.random.PRNGKey(cfg.seed + 1))
 
   def trial(key):
     res = est.attend(q, cache, index, key)
-    err = relative_errors(res, exact)
+    err = harness.attention_errors(res, exact)
     return (err[guarantee][0], err["ratio"][0], err["output"][0], res.density[0],
             res.stats["budget_clipped"][0])
 
@@ -90,11 +80,12 @@ def compare_at_density(cfg: Config, q, cache, exact, densities: np.ndarray):
   for tables in cfg.magicpig_tables:
     est = sa.magicpig(K=10, L=tables)
     res = est.attend(q, cache, est.init(cache, jax.random.PRNGKey(cfg.seed + 3)), None)
-    mp[tables] = (np.asarray(res.density[0]), np.asarray(relative_errors(res, exact)["output"][0]))
+    mp[tables] = (np.asarray(res.density[0]),
+                  np.asarray(harness.attention_errors(res, exact)["output"][0]))
   for h, d in enumerate(densities):
     k = max(1, round(d * n) - 68)
     res = sa.topk(k=k).attend(q[:, h:h + 1], head_cache(cache, h), (), None)
-    top_err = float(relative_errors(res, head_exact(exact, h))["output"][0, 0])
+    top_err = float(harness.attention_errors(res, head_exact(exact, h))["output"][0, 0])
     best = min(mp, key=lambda t: abs(mp[t][0][h] - d))
     rows.append({"topk_density": float(res.density[0, 0]), "topk_error": top_err,
                  "magicpig_L": best, "magicpig_density": float(mp[best][0][h]),
@@ -130,9 +121,8 @@ def estimator(cfg: Config, guarantee: str, epsilon: float, proposal: str,
   if proposal == "uniform":
     predictor = {"oracle": sa.predictors.oracle, "simhash": sa.predictors.simhash}[cfg.predictor]
     return sa.vattention(epsilon, cfg.delta, guarantee=guarantee, predictor=predictor())
-  codes = (sa.predictors.simhash(bits=1024) if proposal == "simhash" else
-           sa.predictors.spotlight(hash_params))
-  return sa.vattention_importance(epsilon, cfg.delta, guarantee=guarantee, proposal=codes)
+  return sa.vattention_importance(epsilon, cfg.delta, guarantee=guarantee,
+                                  proposal=methods.proposal_codes(proposal, hash_params))
 
 
 def run(cfg: Config = Config(), log=print) -> dict:

@@ -1,4 +1,4 @@
-"""``python -m sparse_attn bench``: decode-step time of each estimator against dense attention.
+"""``python -m benchmarks bench``: decode-step time of each estimator against dense attention.
 
 At Llama-3.1-8B layer shapes (32 query heads, 8 KV heads, D = 128) for each (length, batch,
 dtype): dense decode attention, both as ``jax.nn.dot_product_attention`` runs it (cuDNN's
@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import sparse_attn as sa
+from benchmarks import harness
 from sparse_attn import synthetic
 
 
@@ -76,20 +75,6 @@ def available_bytes() -> int:
     return 1 << 60
 
 
-def interleaved_medians(steppers: dict, steps: int) -> dict[str, float]:
-  """Median seconds of ``fn(i)`` for ``i`` in ``1..steps-1`` for each named ``fn``, after
-  ``fn(0)`` compiled and warmed it up; the functions run interleaved, step by step."""
-  for fn in steppers.values():
-    jax.block_until_ready(fn(0))
-  times = {name: [] for name in steppers}
-  for i in range(1, steps):
-    for name, fn in steppers.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(i))
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def run_one(cfg: Config, length: int, batch: int, dtype: str, log) -> dict:
   """Decodes ``repeats`` steps from ``length - 1`` tokens: every step writes one token (the
   cache's length grows), appends it to each index (in place) and attends."""
@@ -123,7 +108,7 @@ def run_one(cfg: Config, length: int, batch: int, dtype: str, log) -> dict:
       return out
 
     steppers[name] = step
-  medians = interleaved_medians(steppers, steps)
+  medians = harness.interleaved_medians(steppers, cfg.repeats)  # step 0 compiles
   dense = min(medians["dense (XLA)"], medians["dense_attention"])
   # Each row as soon as it is measured: a run cut short still reports what it finished.
   log(f"  n={length} B={batch} {dtype}: " + ", ".join(
@@ -163,8 +148,3 @@ def format_report(report: dict) -> str:
     lines.append(f"skipped n={s['length']} B={s['batch']} {s['dtype']}: needs about "
                  f"{s['needs_gb']:.1f} GB")
   return "\n".join(lines)
-
-
-def save_json(report: dict, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(report, f, indent=1)

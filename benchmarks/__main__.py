@@ -1,19 +1,19 @@
-"""``python -m sparse_attn``: evaluate the estimators on a trained model's attention;
+"""``python -m benchmarks``: evaluate the estimators on a trained model's attention;
 ``compare`` them on synthetic attention; ``verify`` vAttention's guarantee; ``bench`` speed.
 
 Usage::
 
-  python -m sparse_attn [eval]                # reference model, every estimator (2-3 minutes)
-  python -m sparse_attn eval --full           # every method and task (about 10 minutes)
-  python -m sparse_attn eval --model PATH     # a checkpoint folder (bytes or tokenizer.json)
-  python -m sparse_attn compare               # synthetic comparison table (about 30 s)
-  python -m sparse_attn compare --length 65536 --json report.json
-  python -m sparse_attn verify                # coverage experiment (about 1 minute)
-  python -m sparse_attn verify --predictor simhash --trials 400
-  python -m sparse_attn verify --proposal simhash  # importance-sampled residual (+ uniform's)
-  python -m sparse_attn equal-density          # every method at 2% and 5% density (minutes)
-  python -m sparse_attn bench --lengths 131072 --batches 1 --dtypes float32 --json b.json
-  python -m sparse_attn bench --devices 8      # sequence-sharded step against one device
+  python -m benchmarks [eval]                # reference model, every estimator (2-3 minutes)
+  python -m benchmarks eval --full           # every method and task (about 10 minutes)
+  python -m benchmarks eval --model PATH     # a checkpoint folder (bytes or tokenizer.json)
+  python -m benchmarks compare               # synthetic comparison table (about 30 s)
+  python -m benchmarks compare --length 65536 --json report.json
+  python -m benchmarks verify                # coverage experiment (about 1 minute)
+  python -m benchmarks verify --predictor simhash --trials 400
+  python -m benchmarks verify --proposal simhash  # importance-sampled residual (+ uniform's)
+  python -m benchmarks equal-density          # every method at 2% and 5% density (minutes)
+  python -m benchmarks bench --lengths 131072 --batches 1 --dtypes float32 --json b.json
+  python -m benchmarks bench --devices 8      # sequence-sharded step against one device
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import sys
 
-import numpy as np
-
-from sparse_attn import bench, compare, verify
+from benchmarks import bench, compare, harness, verify
 
 
 def _positive(parser, args, names):
@@ -38,7 +35,7 @@ def _positive(parser, args, names):
 
 def compare_main(argv: list[str]) -> int:
   defaults = compare.Config()
-  parser = argparse.ArgumentParser(prog="python -m sparse_attn [compare]",
+  parser = argparse.ArgumentParser(prog="python -m benchmarks [compare]",
                                    description="The estimators' comparison table.")
   parser.add_argument("--length", type=int, default=defaults.length, help="tokens in the cache")
   parser.add_argument("--batch", type=int, default=defaults.batch)
@@ -58,19 +55,18 @@ def compare_main(argv: list[str]) -> int:
   result = compare.run(cfg, log=print)
   print(compare.format_report(result))
   if args.json:
-    compare.save_json(result, args.json)
+    harness.save_json(result, args.json)
     print(f"\nwrote {args.json}")
   compare.check_finite(result)
   return 0
 
 
 def eval_main(argv: list[str]) -> int:
-  # The one place sparse_attn reaches into models (models imports sparse_attn, never the
-  # reverse): the evaluation needs a decoder, and the library does not.
-  from models import estimator_eval, estimator_report
+  # Imported here: the evaluation loads models (Flax), which the other commands do not need.
+  from benchmarks import estimator_eval, estimator_report
 
   parser = argparse.ArgumentParser(
-      prog="python -m sparse_attn [eval]",
+      prog="python -m benchmarks [eval]",
       description="Every estimator on a trained model's real attention: task accuracy, "
                   "error per layer, IoU with the oracle top-2%%, density; claims checked.")
   parser.add_argument("--full", action="store_true", help="every method and task, more "
@@ -118,7 +114,7 @@ def eval_main(argv: list[str]) -> int:
 def verify_main(argv: list[str]) -> int:
   defaults = verify.Config()
   parser = argparse.ArgumentParser(
-      prog="python -m sparse_attn verify",
+      prog="python -m benchmarks verify",
       description="vAttention's (epsilon, delta) coverage, per head, from flat to peaked.")
   parser.add_argument("--length", type=int, default=defaults.length)
   parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
@@ -139,8 +135,7 @@ def verify_main(argv: list[str]) -> int:
   report = verify.run(cfg, log=print)
   print(verify.format_report(report))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1, default=lambda x: np.asarray(x).tolist())
+    harness.save_json(report, args.json)
     print(f"\nwrote {args.json}")
   ok = verify.check(report)
   print(f"\nverified: {ok}")
@@ -150,7 +145,7 @@ def verify_main(argv: list[str]) -> int:
 def bench_main(argv: list[str]) -> int:
   defaults = bench.Config()
   parser = argparse.ArgumentParser(
-      prog="python -m sparse_attn bench",
+      prog="python -m benchmarks bench",
       description="Decode-step time of each estimator against dense XLA attention.")
   ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
   words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
@@ -187,10 +182,10 @@ def bench_main(argv: list[str]) -> int:
 def bench_sharded_main(args) -> int:
   # N simulated CPU devices where there is no accelerator. Nothing has touched a device
   # yet, so XLA still reads the flag when its backend starts (as for use_cpu_xla_flag).
-  if not has_accelerator():
+  if not harness.has_accelerator():
     flag = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-  from sparse_attn import bench_sharded
+  from benchmarks import bench_sharded
 
   cfg = bench_sharded.Config(devices=args.devices, lengths=args.lengths or (131072,),
                              batch=args.batches[0], dtype=(args.dtypes or ("float32",))[0],
@@ -202,17 +197,17 @@ def bench_sharded_main(args) -> int:
 def _print_and_save(text: str, report: dict, path: str | None) -> int:
   print(text)
   if path:
-    bench.save_json(report, path)
+    harness.save_json(report, path)
     print(f"\nwrote {path}")
   return 0
 
 
 def equal_density_main(argv: list[str]) -> int:
-  from models import density_eval  # models imports sparse_attn, never the reverse
+  from benchmarks import density_eval
 
   defaults = density_eval.Config()
   parser = argparse.ArgumentParser(
-      prog="python -m sparse_attn equal-density",
+      prog="python -m benchmarks equal-density",
       description="Relative output error of every method at equal density (2%% and 5%%), "
                   "on the reference model's layers and on LLM-shaped synthetic attention.")
   parser.add_argument("--model", default=defaults.model, help="checkpoint folder")
@@ -227,28 +222,9 @@ def equal_density_main(argv: list[str]) -> int:
   return _print_and_save(density_eval.format_report(report), report, args.json)
 
 
-def has_accelerator() -> bool:
-  return any(importlib.util.find_spec(name) for name in (
-      "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"))
-
-
-# XLA:CPU's concurrency-optimised scheduler doubles MagicPIG's compiled retrieval (36 ms
-# against 18 ms at 128K tokens on 2 cores; dense attention is unaffected, 110 against 106 ms).
-CPU_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def use_cpu_xla_flag() -> None:
-  """Adds ``CPU_XLA_FLAG`` to ``XLA_FLAGS`` before any computation, on machines without a GPU
-  plugin (the flag is for XLA:CPU, and an XLA that does not know a flag refuses to start).
-  Set ``XLA_FLAGS`` yourself, even to an empty string, to keep this off."""
-  if "XLA_FLAGS" in os.environ or has_accelerator():
-    return
-  os.environ["XLA_FLAGS"] = CPU_XLA_FLAG
-
-
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  use_cpu_xla_flag()
+  harness.use_cpu_xla_flag()
   if argv and argv[0] == "verify":
     return verify_main(argv[1:])
   if argv and argv[0] == "bench":
