@@ -224,7 +224,6 @@ def equal_density_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  harness.use_cpu_xla_flag()
   if argv and argv[0] == "verify":
     return verify_main(argv[1:])
   if argv and argv[0] == "bench":
@@ -239,4 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # Only at process start: once a backend runs, XLA_FLAGS no longer changes it, but it does
+  # change the persistent compilation cache's keys (a caller such as the tests would then
+  # load executables compiled under other flags).
+  harness.use_cpu_xla_flag()
   sys.exit(main())
