@@ -27,7 +27,8 @@ queries and keys over *training-split* instances of the same tasks; the untraine
 identity-initialised heads (the sign of each coordinate, a linear hash with the same number
 of bits) are the baseline.
 
-``sparse_attn`` does not import ``models``; its CLI imports this module only for ``eval``.
+This module is an experiment: it lives in ``benchmarks`` (not installed), above ``models``
+and ``sparse_attn``, which never import it.
 """
 
 from __future__ import annotations
