@@ -1,4 +1,4 @@
-"""vAttention: budget rule, unbiasedness, clipping (its coverage: tests/benchmarks/test_verify.py)."""
+"""vAttention: budget rule, unbiasedness, clipping (coverage: tests/benchmarks/test_verify.py)."""
 
 import logging
 
