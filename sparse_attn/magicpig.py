@@ -263,12 +263,12 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
     return hit & residual_mask(positions, length, sinks, local), dropped
 
-  def sampled_part(q, cache, index, keep, size, subsample_key):
-    """Attention over the qualified tokens ``keep [B, Hkv, G, S]`` in a list of ``size``,
-    weighted by ``1 / w``: ``(out, lse, sampled tokens [B, Hkv, G])``. More than ``size``
-    qualify only under an explicit ``max_selected``: a second stage then subsamples them."""
+  def sampled_part(q, qg, cache, index, keep, qualified, size, subsample_key):
+    """Attention over the qualified tokens ``keep [B, Hkv, G, S]`` (``qualified [B, Hkv,
+    G]`` of them) in a list of ``size``, weighted by ``1 / w``: ``(out, lse, sampled tokens
+    [B, Hkv, G])``. More than ``size`` qualify only under an explicit ``max_selected``: a
+    second stage then subsamples them."""
     batch, num_kv_heads, capacity, head_dim = cache.keys.shape
-    qualified = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [B, Hkv, G]
 
     def subsample(keep):
       # Two-stage Horvitz-Thompson: a uniform sample without replacement of `size` of the
@@ -287,7 +287,6 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     # q.(k - k_bar) = sqrt(D) s - q.k_bar with ||k - k_bar|| stored at hashing time,
     # computed block by block from the scores of the rows being attended (each key is read
     # once).
-    qg = group_queries(q, num_kv_heads)
     q_mean = jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean, precision=HIGHEST)
     q_norm = jnp.linalg.norm(qg, axis=-1)
 
@@ -314,12 +313,14 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     num_selected = max(1, math.ceil(max_selected * capacity))
     num_candidates = max(1, math.ceil(max_candidates * capacity))
     tail_size = min(tail, capacity)
-    q_codes = hash_queries(group_queries(q, num_kv_heads), index.planes)
+    qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
+    q_codes = hash_queries(qg, index.planes)
     hashed = jnp.minimum(index.length, length)
     keep, dropped = collided(q_codes, index, hashed, length, num_candidates, tail_size)
     qualified = jnp.sum(keep, axis=-1, dtype=jnp.int32)
     subsample_key = index.subsample_key if key is None else key
-    part = functools.partial(sampled_part, q, cache, index, keep, subsample_key=subsample_key)
+    part = functools.partial(sampled_part, q, qg, cache, index, keep, qualified,
+                             subsample_key=subsample_key)
     if subsample:  # an explicit cap: a fixed cost, two stages when it binds
       out_s, lse_s, sampled = part(num_selected)
     else:  # the default: a list of S for the whole batch when one query needs it
