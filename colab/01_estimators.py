@@ -325,9 +325,10 @@ for h, scale in enumerate(SCALES):
 # code, `2^K + 1` offsets), so `attend` reads only the query's `L` buckets. `attend(q, cache,
 # index, None)` needs no key: the randomness is in the planes. It attends the exact set,
 # weights each sampled token by `1/w_i` computed from its exact cosine, and reports
-# `stats`: `sampled`, `bucket_overflow` and `selected_overflow` (tokens a static buffer had to
-# drop: non-zero means a biased estimate, raise `max_candidates` / `max_selected`) and
-# `unindexed` (tokens in the cache that were never appended to the index).
+# `stats`: `sampled`, `bucket_overflow` and `selected_overflow` (entries and tokens beyond
+# the static buffers `init` sized from the prefill, `index.buffers`: such a step takes an exact
+# wider path, so they cost time, not accuracy) and `unindexed` (tokens in the cache that were
+# never appended to the index).
 
 # %%
 magicpig = sa.magicpig(K=10, L=150)

@@ -18,21 +18,22 @@ Retrieval reads only the query's ``L`` buckets (``hash_tables``). Tokens appende
 tables were built sit in a *tail* of at most ``tail`` tokens that is scanned directly; the
 tables are rebuilt (from stored codes, no rehashing) when the tail is full.
 
-Static buffers, and what happens when they are too small (never a silent bias):
+Static buffers, and what happens when they are too small (never a silent bias). By default
+``init`` sizes both from the prefill (``_src/magicpig_buffers``: the prefill's keys stand in
+for queries); the index carries the sizes (``index.buffers``).
 
 * ``max_candidates`` bucket entries per query: the ``L`` buckets are read into one buffer.
   When a query's buckets do not fit, the step counts the collisions of the whole batch by a
   scan of every stored code instead (``table_match_counts``): the same counts, slower.
   ``stats["bucket_overflow"]`` counts the entries that did not fit.
-* ``max_selected`` sampled tokens per query. By default a list of about twice the tokens a
-  key orthogonal to the query would bring; when more qualify anywhere in the batch, the
-  step attends over a list of ``S`` instead: the same estimate, slower. Given explicitly it
-  is a hard cap with a fixed cost: when more qualify, a uniform sample without replacement
-  of ``max_selected`` of them is kept and each is weighted by ``qualified / max_selected``
-  on top of ``1 / w`` (two-stage Horvitz-Thompson), so numerator and denominator stay
-  unbiased, with more variance. The second stage draws from ``attend``'s ``key`` if given,
-  else from a key ``init`` derived from its own (apart from the planes).
-  ``stats["selected_overflow"]`` counts the qualified tokens beyond ``max_selected``.
+* ``max_selected`` sampled tokens per query. By default, when more qualify anywhere in the
+  batch, the step attends over a list of ``S`` instead: the same estimate, slower. Given
+  explicitly it is a hard cap with a fixed cost: when more qualify, a uniform sample without
+  replacement of ``max_selected`` of them is kept and each is weighted by ``qualified /
+  max_selected`` on top of ``1 / w`` (two-stage Horvitz-Thompson), so numerator and
+  denominator stay unbiased, with more variance. The second stage draws from ``attend``'s
+  ``key`` if given, else from a key ``init`` derived from its own (apart from the planes).
+  ``stats["selected_overflow"]`` counts the qualified tokens beyond the list.
 
 Non-finite keys: the centring mean is taken over the finite keys only (one NaN key must not
 switch the sampling of its whole head off), and a valid hashed token whose key has a NaN or
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.table_match_counts import table_match_counts
 from sparse_attn import lsh
-from sparse_attn._src import hash_tables, key_index, selection
+from sparse_attn._src import hash_tables, key_index, magicpig_buffers, selection
 from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queries
 from sparse_attn.attention import make_result
 from sparse_attn.streaming import check_window, exact_part, residual_mask
@@ -79,6 +80,8 @@ class MagicPigIndex(NamedTuple):
       entry (``S`` if none): ``attend`` returns NaN for that KV head (module docstring).
     subsample_key: ``uint32`` key data, derived from init's key apart from the planes: the
       second-stage subsample when ``max_selected`` binds and ``attend`` gets no key.
+    buffers: static ``Buffers`` (no array; part of the pytree's structure): the bucket
+      entries and sampled tokens each query's buffers hold, sized at ``init``.
   """
 
   planes: jax.Array
@@ -90,6 +93,7 @@ class MagicPigIndex(NamedTuple):
   length: jax.Array
   first_nonfinite: jax.Array
   subsample_key: jax.Array
+  buffers: magicpig_buffers.Buffers
 
 
 @configured
@@ -107,14 +111,19 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     center_keys: centre keys by the mean prefill residual key before hashing.
     planes_per_head: draw separate planes for each KV head.
     max_selected: sampled tokens per query, as a fraction of the capacity ``S``. None (the
-      default): a list of ``2 w(0) + 1/64`` of ``S``, with ``w(0)`` the inclusion
-      probability of a key orthogonal to the query (3.5% for K=10, L=150; 8.6% for K=8,
-      L=75), widened to ``S`` for a step where more qualify (exact, slower). A number: a
-      hard cap, subsampled in a second stage when it binds (unbiased, more variance).
+      default): a list sized by ``init`` from the prefill (1.25 times the most tokens that
+      qualify for one of its keys taken as a query), widened to ``S`` for a step where more
+      qualify (exact, slower). A number: a hard cap, subsampled in a second stage when it
+      binds (unbiased, more variance).
     max_candidates: bucket entries read per query, as a fraction of ``S`` (the ``L``
-      buckets share this buffer; their expected total is ``L * sum_i p_i``); a step whose
-      buckets do not fit counts collisions by a scan of every code (exact, slower).
-      Default: ``2 L p(0)`` with ``p(0) = 2**-K`` (0.29 for K=10, L=150).
+      buckets share this buffer); a step whose buckets do not fit counts collisions by a
+      scan of every code (exact, slower). None (the default): sized by ``init`` from the
+      prefill, as ``max_selected``.
+
+  Under a traced ``init`` (inside the caller's ``jit``), or with fewer than 256 residual
+  tokens in every row, the defaults are ``2 w(0) + 1/64`` of ``S`` sampled tokens (``w(0)``
+  the inclusion probability of a key orthogonal to the query: 3.5% for K=10, L=150) and
+  ``2 L 2**-K`` of ``S`` bucket entries (0.29 for K=10, L=150).
     tail: tokens appended since the last table build that are scanned directly; the
       tables are rebuilt when more are pending.
     append_chunk: tokens hashed per step of ``append``'s loop.
@@ -136,13 +145,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   lsh.check_table_shape(K, L, min_collisions)
   check_window(sinks, local)
   subsample = max_selected is not None
-  if max_selected is None:
-    max_selected = 2.0 * float(lsh.collision_probability(0.0, K, L, min_collisions)) + 1 / 64
-  if max_candidates is None:
-    max_candidates = 2.0 * L * 2.0**-K
-  if not 0.0 < max_selected <= 1.0:
+  if subsample and not 0.0 < max_selected <= 1.0:
     raise ValueError(f"max_selected must be a fraction of S in (0, 1], got {max_selected!r}")
-  if not 0.0 < max_candidates <= float(L):
+  if max_candidates is not None and not 0.0 < max_candidates <= float(L):
     raise ValueError(
         f"max_candidates must be a fraction of S in (0, L={L}], got {max_candidates!r}")
   for name, value in (("tail", tail), ("append_chunk", append_chunk)):
@@ -171,7 +176,22 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   def init(cache: KVCache, key: jax.Array | None = None) -> MagicPigIndex:
     check_cache(cache)
     check_key(key, purpose="magicpig's init draws its hash planes from it")
-    return _init(cache, key)
+    index = _init(cache, key)
+    if subsample and max_candidates is not None:
+      return index
+    sized = magicpig_buffers.from_prefill(index, cache, hash_queries, sinks, local,
+                                          min_collisions, index.buffers)
+    return index._replace(buffers=magicpig_buffers.Buffers(
+        index.buffers.candidates if max_candidates is not None else sized.candidates,
+        index.buffers.selected if subsample else sized.selected))
+
+  def given_buffers(capacity):
+    """The explicit sizes, and the formula's where none is given."""
+    auto = magicpig_buffers.formula(K, L, min_collisions, capacity)
+    tokens = lambda fraction: max(1, math.ceil(fraction * capacity))  # noqa: E731
+    return magicpig_buffers.Buffers(
+        auto.candidates if max_candidates is None else tokens(max_candidates),
+        tokens(max_selected) if subsample else auto.selected)
 
   @jax.jit
   def _init(cache, key):
@@ -191,7 +211,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         empty, cache, lambda rows: hash_keys(rows, index_planes, key_mean), K * L + head_dim)
     subsample_key = jax.random.key_data(jax.random.fold_in(key, 1))
     return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
-                         length, first, subsample_key)
+                         length, first, subsample_key, given_buffers(capacity))
 
   def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
     check_cache(cache)
@@ -310,8 +330,10 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     cache, over = within_capacity(cache)
     keys, values, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
-    num_selected = max(1, math.ceil(max_selected * capacity))
-    num_candidates = max(1, math.ceil(max_candidates * capacity))
+    # Explicit sizes are the estimator's own; the defaults come with the index (init's).
+    given = given_buffers(capacity)
+    num_selected = given.selected if subsample else index.buffers.selected
+    num_candidates = index.buffers.candidates if max_candidates is None else given.candidates
     tail_size = min(tail, capacity)
     qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
     q_codes = hash_queries(qg, index.planes)
