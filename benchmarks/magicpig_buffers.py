@@ -1,7 +1,10 @@
 """MagicPIG's default buffers on real attention: how often they are too small, and what it
 costs in accuracy (nothing, by construction, since a step whose buffers are too small takes
 an exact wider path) against the same estimator with no buffer limit and against an
-explicit hard cap of the default size (two-stage subsample).
+explicit hard cap of the formula's size (two-stage subsample).
+
+Two defaults: the sizes an eager ``init`` takes from the prefill (``default``), and the
+formula's that a traced ``init`` keeps (``formula``: ``jax.jit(est.init)``).
 
 Usage::
 
@@ -17,15 +20,18 @@ Two sources of real attention from the reference model (``benchmarks/reference``
 
 Per layer and source: the median relative output error over positions, query heads and
 ``seeds`` plane seeds of ``sa.magicpig(K=10, L=150)`` with its defaults, with no limit
-(``max_selected=1``, ``max_candidates=L``) and with ``max_selected`` fixed at the default
-list size; and the fraction of (query, seed) pairs whose buckets or qualified tokens
-overflowed the default buffers.
+(``max_selected=1``, ``max_candidates=L``) and with ``max_selected`` fixed at the formula's
+list size; for both defaults, the fraction of (query, seed) pairs whose buckets or qualified
+tokens overflowed the buffers, the fraction of steps (a batch) that took a wide path, the
+buffer sizes as fractions of ``S``, and the median time of one jitted ``attend`` with each
+(on the row's first problem, interleaved with dense attention).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 
@@ -53,12 +59,14 @@ class Config:
   sinks: int = 4
   local: int = 16
   seed: int = 0
+  repeats: int = 20  # timed attend calls per layer
 
 
 def estimators(cfg: Config) -> dict[str, sa.Estimator]:
   window = dict(K=K, L=L, sinks=cfg.sinks, local=cfg.local)
   listed = 2 * float(sa.lsh.collision_probability(0.0, K, L, 2)) + 1 / 64
   return {"default": sa.magicpig(**window),
+          "formula": sa.magicpig(**window),  # initialised under jit (`measure`)
           "no limit": sa.magicpig(**window, max_selected=1.0, max_candidates=float(L)),
           "hard cap": sa.magicpig(**window, max_selected=listed)}
 
@@ -97,27 +105,51 @@ def long_problems(model, codec, cfg: Config) -> dict[int, list]:
 
 def measure(ests: dict, problems: list, cfg: Config) -> dict:
   errors = {name: [] for name in ests}
-  bucket, selected = [], []
+  overflow = {name: {"bucket": [], "selected": [], "candidates": [], "listed": []}
+              for name in ("default", "formula")}
   for i, (q, cache) in enumerate(problems):
     exact = sa.dense_attention(q, cache).out
     for s in range(cfg.seeds):
       key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 7), 1000 * i + s)
       for name, est in ests.items():
-        res = ee._attend(est, q, cache, ee._init(est, cache, key), jax.random.fold_in(key, 1))
+        init = functools.partial(ee._init, est) if name == "formula" else est.init
+        index = init(cache, key)
+        res = ee._attend(est, q, cache, index, jax.random.fold_in(key, 1))
         errors[name].append(harness.relative_error(res.out, exact).ravel())
-        if name == "default":
-          bucket.append(np.asarray(res.stats["bucket_overflow"]).ravel())
-          selected.append(np.asarray(res.stats["selected_overflow"]).ravel())
-  bucket, selected = np.concatenate(bucket), np.concatenate(selected)
+        if name in overflow:
+          capacity = cache.keys.shape[2]
+          overflow[name]["bucket"].append(np.asarray(res.stats["bucket_overflow"]))
+          overflow[name]["selected"].append(np.asarray(res.stats["selected_overflow"]))
+          overflow[name]["candidates"].append(index.buffers.candidates / capacity)
+          overflow[name]["listed"].append(index.buffers.selected / capacity)
   out = {f"error {name}": float(np.median(np.concatenate(e))) for name, e in errors.items()}
-  out.update({"queries": int(bucket.size),
-              "bucket overflow fraction": float(np.mean(bucket > 0)),
-              "bucket overflow entries (mean where > 0)":
-                  float(bucket[bucket > 0].mean()) if np.any(bucket > 0) else 0.0,
-              "selected overflow fraction": float(np.mean(selected > 0)),
-              "selected overflow tokens (mean where > 0)":
-                  float(selected[selected > 0].mean()) if np.any(selected > 0) else 0.0})
+  out["attend ms (median)"] = attend_times(ests["default"], *problems[0], cfg)
+  for name, o in overflow.items():
+    bucket, selected = np.stack(o["bucket"]), np.stack(o["selected"])  # [steps, B, Hq]
+    out[name] = {
+        "queries": int(bucket.size),
+        "bucket overflow fraction": float(np.mean(bucket > 0)),
+        "selected overflow fraction": float(np.mean(selected > 0)),
+        "wide steps fraction": float(np.mean(np.any((bucket > 0) | (selected > 0),
+                                                    axis=(1, 2)))),
+        "candidates / S (median, max)": [float(np.median(o["candidates"])),
+                                         float(np.max(o["candidates"]))],
+        "selected / S (median, max)": [float(np.median(o["listed"])),
+                                       float(np.max(o["listed"]))]}
   return out
+
+
+def attend_times(est: sa.Estimator, q, cache, cfg: Config) -> dict:
+  """Milliseconds of one jitted ``attend`` (interleaved medians of ``cfg.repeats``) with
+  the prefill's buffers, the formula's, and dense attention, on one problem."""
+  key = jax.random.PRNGKey(cfg.seed)
+  indices = {"default": est.init(cache, key), "formula": ee._init(est, cache, key)}
+  fns = {name: (lambda i, index=index: jax.block_until_ready(
+      ee._attend(est, q, cache, index, None).out)) for name, index in indices.items()}
+  dense = jax.jit(sa.dense_attention)
+  fns["dense"] = lambda i: jax.block_until_ready(dense(q, cache).out)
+  seconds = harness.interleaved_medians(fns, cfg.repeats, warmup=2)
+  return {name: 1e3 * t for name, t in seconds.items()}
 
 
 def run(cfg: Config = Config(), log=print) -> dict:
@@ -137,15 +169,27 @@ def run(cfg: Config = Config(), log=print) -> dict:
 
 def format_report(report: dict) -> str:
   head = (f"{'source':<6} {'layer':>5} {'queries':>7} {'default':>8} {'no limit':>8} "
-          f"{'ratio':>6} {'hard cap':>8} {'bucket ovf':>10} {'sel ovf':>8}")
-  lines = ["MagicPIG K=10 L=150, median relative output error; overflow: fraction of "
-           "(query, seed) pairs over the default buffers", head, "-" * len(head)]
+          f"{'ratio':>6} {'hard cap':>8} | {'buffers':>11} {'bucket':>6} {'sel':>6} "
+          f"{'wide':>6} {'ms':>6} | {'formula':>11} {'bucket':>6} {'sel':>6} {'wide':>6} "
+          f"{'ms':>6} | {'dense':>6}")
+  lines = ["MagicPIG K=10 L=150: median relative output error; for the prefill-sized and the "
+           "formula buffers: their sizes (candidates/S, selected/S; median over steps), the "
+           "fraction of (query, seed) pairs whose buckets or qualified tokens overflowed "
+           "them, the fraction of steps that took a wide path, and one attend's median ms (one "
+           "problem per row; dense attention beside)", head, "-" * len(head)]
+
+  def sizes(o):
+    candidates, listed = (o[f"{n} / S (median, max)"][0] for n in ("candidates", "selected"))
+    return (f"{candidates:>5.2f},{listed:.3f} {o['bucket overflow fraction']:>6.3f} "
+            f"{o['selected overflow fraction']:>6.3f} {o['wide steps fraction']:>6.3f}")
+
   for r in report["rows"]:
     ratio = r["error default"] / max(r["error no limit"], 1e-30)
-    lines.append(f"{r['source']:<6} {r['layer']:>5} {r['queries']:>7} "
+    ms = r["attend ms (median)"]
+    lines.append(f"{r['source']:<6} {r['layer']:>5} {r['default']['queries']:>7} "
                  f"{r['error default']:>8.4f} {r['error no limit']:>8.4f} {ratio:>6.3f} "
-                 f"{r['error hard cap']:>8.4f} {r['bucket overflow fraction']:>10.3f} "
-                 f"{r['selected overflow fraction']:>8.3f}")
+                 f"{r['error hard cap']:>8.4f} | {sizes(r['default'])} {ms['default']:>6.2f} | "
+                 f"{sizes(r['formula'])} {ms['formula']:>6.2f} | {ms['dense']:>6.2f}")
   lines.append(f"({report['seconds']:.0f} s)")
   return "\n".join(lines)
 
