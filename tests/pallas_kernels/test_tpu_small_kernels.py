@@ -1,0 +1,87 @@
+"""The five small kernels on a TPU's terms, without one.
+
+* Lowering: ``jax.export`` for ``tpu`` under an abstract TPU mesh runs Pallas' Mosaic
+  lowering on the CPU, with its block-shape rules (a block's last two dimensions are
+  multiples of 8 and 128 or the array's own) and its lack of unsigned reductions. It stops
+  before Mosaic compiles the module (that needs a TPU).
+* Values: TPU interpret mode (``pltpu.InterpretParams``) runs each kernel with the TPU
+  block layout the wrappers choose, simulating VMEM, SMEM and the DMAs between blocks, and
+  compares with the ``*_reference`` twin, on token counts that are not a multiple of the
+  block.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AbstractMesh
+
+from pallas_kernels import backend
+from pallas_kernels import hamming_scores as hs
+from pallas_kernels import kept_positions as kp
+from pallas_kernels import pack_signs as ps
+from pallas_kernels import score_histogram as sh
+from pallas_kernels import table_match_counts as tmc
+
+try:
+  from jax.sharding import AbstractDevice
+except ImportError:  # jax 0.10
+  from jax._src.mesh import AbstractDevice
+
+TPU = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+    device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+INTERPRET = pltpu.InterpretParams()
+
+
+@pytest.fixture
+def as_tpu(monkeypatch):
+  """The backend believes it is on a TPU (so the wrappers pick Mosaic's block layout)."""
+  monkeypatch.setattr(backend, "platform", lambda: "tpu")
+  monkeypatch.setattr(backend, "compiler_params", lambda: pltpu.CompilerParams())
+
+
+def mosaic_module(fn, *args) -> str:
+  """The exported module of ``fn`` for a TPU; it holds the kernels' Mosaic custom calls."""
+  with jax.sharding.use_abstract_mesh(TPU):
+    exported = export.export(jax.jit(fn), platforms=["tpu"])(*args)
+  text = exported.mlir_module()
+  assert "tpu_custom_call" in text
+  return text
+
+
+def test_hamming_scores_lowers_for_tpu(as_tpu):
+  q = jnp.zeros((2, 8, 4), jnp.uint32)
+  k = jnp.zeros((2, 2, 1000, 4), jnp.uint32)  # 1000 is not a multiple of the 256 block
+  mosaic_module(lambda q, k, n: hs.hamming_scores_kernel(q, k, n, 128, hs.BlockSizes(256)),
+                q, k, jnp.array([1000, 3], jnp.int32))
+
+
+@pytest.mark.parametrize("group,dim,capacity,block", [(4, 128, 300, 128), (3, 40, 97, 32)])
+def test_hamming_scores_interprets_on_tpu(as_tpu, group, dim, capacity, block):
+  kq, kk = jax.random.split(jax.random.PRNGKey(group))
+  q = ps.pack_signs_reference(jax.random.normal(kq, (2, 2 * group, dim)))
+  k = ps.pack_signs_reference(jax.random.normal(kk, (2, 2, capacity, dim)))
+  length = jnp.array([capacity, capacity // 3], jnp.int32)
+  got = hs.hamming_scores_kernel(q, k, length, dim, hs.BlockSizes(tokens=block),
+                                 interpret=INTERPRET)
+  want = hs.hamming_scores_reference(q, k, length, dim)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pack_signs_lowers_for_tpu(as_tpu, dtype):
+  mosaic_module(lambda x: ps.pack_signs_kernel(x, ps.BlockSizes(rows=16)),
+                jnp.zeros((37, 130), dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 40), (3, 5, 64)])
+def test_pack_signs_interprets_on_tpu(as_tpu, shape, dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
+  x = x.at[(0,) * (len(shape) - 1)].set(0.0)  # exact zeros count as negative in both
+  x = x.at[..., 31].set(1.0)  # bit 31: the int32 sum's sign bit
+  got = ps.pack_signs_kernel(x, ps.BlockSizes(rows=16), interpret=INTERPRET)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ps.pack_signs_reference(x)))
+  assert got.dtype == jnp.uint32
