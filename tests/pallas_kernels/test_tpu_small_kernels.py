@@ -37,9 +37,14 @@ INTERPRET = pltpu.InterpretParams()
 
 @pytest.fixture
 def as_tpu(monkeypatch):
-  """The backend believes it is on a TPU (so the wrappers pick Mosaic's block layout)."""
+  """The backend believes it is on a TPU (so the wrappers pick Mosaic's block layout).
+  jit's caches are cleared on both sides: a kernel traced for one backend must not be
+  reused for another (the platform is not part of a cache key)."""
+  jax.clear_caches()
   monkeypatch.setattr(backend, "platform", lambda: "tpu")
   monkeypatch.setattr(backend, "compiler_params", lambda: pltpu.CompilerParams())
+  yield
+  jax.clear_caches()
 
 
 def mosaic_module(fn, *args) -> str:
@@ -107,3 +112,55 @@ def test_table_match_counts_interprets_on_tpu(as_tpu, group, tables, capacity, b
                                       interpret=INTERPRET)
   want = tmc.table_match_counts_reference(q, k, length)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("block", [256, 100])  # the histogram's block need not be 128-aligned
+def test_score_histogram_lowers_for_tpu(as_tpu, block):
+  mosaic_module(lambda s, n: sh.score_histogram_kernel(s, n, -1, 4, 16, sh.BlockSizes(block)),
+                jnp.zeros((2, 2, 1000), jnp.int32), jnp.array([1000, 333], jnp.int32))
+
+
+def histogram_problem(capacity=300):
+  """Scores in [-1, 40) on a full row and a ragged one."""
+  rng = np.random.default_rng(capacity)
+  scores = jnp.asarray(rng.integers(-1, 40, size=(2, 2, capacity)), jnp.int32)
+  return scores, jnp.array([capacity, capacity // 3], jnp.int32)
+
+
+@pytest.mark.parametrize("block", [128, 100])
+def test_score_histogram_interprets_on_tpu(as_tpu, block):
+  scores, length = histogram_problem()
+  got = sh.score_histogram_kernel(scores, length, -1, 4, 16, sh.BlockSizes(block),
+                                  interpret=INTERPRET)
+  want = sh.score_histogram_reference(scores, length, -1, 4, 16, block)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def kept_problem(block, capacity=300, size=40):
+  """A counting plan (``selection.counting_plan``) for ``histogram_problem``'s scores."""
+  from sparse_attn._src import selection
+  scores, length = histogram_problem(capacity)
+  keep = jnp.array([[size, 7], [0, size]], jnp.int32)
+  hist = sh.score_histogram_reference(scores, length, -1, 4, 16, block)
+  plan = selection.counting_plan(hist, keep, -1)
+  return (scores, length) + tuple(plan), keep
+
+
+@pytest.mark.parametrize("size", [64, 700])  # 700: two chunks of output slots
+def test_kept_positions_lowers_for_tpu(as_tpu, size):
+  args, _ = kept_problem(256, capacity=1000)
+  mosaic_module(lambda *a: kp.kept_positions_kernel(*a, sinks=4, local=16, size=size,
+                                                    block=256), *args)
+
+
+@pytest.mark.parametrize("block,chunk", [(128, 512), (100, 16)])
+def test_kept_positions_interprets_on_tpu(as_tpu, monkeypatch, block, chunk):
+  """With 16-slot chunks, a block's kept tokens span chunks and most chunks are skipped."""
+  monkeypatch.setattr(kp, "TPU_SLOT_CHUNK", chunk)
+  args, keep = kept_problem(block)
+  got = kp.kept_positions_kernel(*args, sinks=4, local=16, size=40, block=block,
+                                 interpret=INTERPRET)
+  want = kp.kept_positions_reference(*args, sinks=4, local=16, size=40, block=block)
+  for b, h in np.ndindex(keep.shape):  # past the kept count the slots are unspecified
+    np.testing.assert_array_equal(np.asarray(got)[b, h, :keep[b, h]],
+                                  np.asarray(want)[b, h, :keep[b, h]])
