@@ -46,9 +46,13 @@ def use_kernels(name: str | None = None) -> bool:
   return platform() in VERIFIED and name not in PENDING
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-  """``None`` means: interpret on CPU (the only way Pallas runs there), compile elsewhere."""
-  return platform() == "cpu" if interpret is None else bool(interpret)
+def resolve_interpret(interpret):
+  """``None`` means: interpret on CPU (the only way Pallas runs there), compile elsewhere.
+  An interpret-mode parameter object (``pltpu.InterpretParams``: TPU interpret mode, which
+  simulates VMEM, SMEM and DMAs on the CPU) is passed through to ``pl.pallas_call``."""
+  if interpret is None:
+    return platform() == "cpu"
+  return interpret if not isinstance(interpret, (bool, int)) else bool(interpret)
 
 
 def compiler_params():
@@ -98,3 +102,21 @@ def store(ref, value: jax.Array, *, mask: jax.Array, masked: bool) -> None:
     return
   from jax.experimental.pallas import triton as pltriton
   pltriton.store(ref, value, mask=mask)
+
+
+def tpu_tile(block: int, size: int, multiple: int) -> int:
+  """A block of about ``block`` along a dimension of ``size`` that Mosaic (TPU) accepts as
+  one of a block's last two dimensions: the whole dimension, or a multiple of ``multiple``
+  (128 for the lane dimension, 8 for the sublane one)."""
+  if block >= size:
+    return size
+  tile = -(-block // multiple) * multiple
+  return size if tile >= size else tile
+
+
+def tpu_scalars(block_shape, index_map):
+  """A ``BlockSpec`` in SMEM, for the small blocks a kernel reads as scalars (lengths,
+  thresholds, query codes): Mosaic reads scalars from SMEM, and a block whose array ends
+  in ``[..., 1, 1]`` meets its tiling rule whatever the leading dimensions."""
+  from jax.experimental.pallas import tpu as pltpu
+  return pl.BlockSpec(block_shape, index_map, memory_space=pltpu.SMEM)

@@ -67,6 +67,9 @@ def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Ar
   batch, num_q, words = q_codes.shape
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   group = num_q // num_kv
+  length = length.astype(jnp.int32)
+  if backend.platform() == "tpu":
+    return _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret)
   block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
   return backend.pallas_call(
       functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
@@ -78,7 +81,30 @@ def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Ar
                 pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
                 pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
       out_specs=pl.BlockSpec((1, 1, block), lambda b, h, s: (b, h, s)),
-      interpret=interpret, name="hamming_scores")(length.astype(jnp.int32), q_codes, k_codes)
+      interpret=interpret, name="hamming_scores")(length, q_codes, k_codes)
+
+
+def _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret):
+  """The same kernel body with Mosaic's block layout: the token block spans whole lanes
+  (a multiple of 128, or all of ``S``); the length and a group's query codes are SMEM
+  scalars; the output gains a unit dimension so that its block's last two dimensions are
+  ``(1, block)`` of ``(1, S)``."""
+  batch, num_q, words = q_codes.shape
+  num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
+  group = num_q // num_kv
+  block = backend.tpu_tile(block_sizes.tokens, capacity, 128)
+  out = backend.pallas_call(
+      functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
+                        capacity=capacity, masked=False),
+      out_shape=jax.ShapeDtypeStruct((batch, num_kv, 1, capacity), jnp.int32),
+      grid=(batch, num_kv, pl.cdiv(capacity, block)),
+      in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, s: (b, 0, 0)),
+                backend.tpu_scalars((1, group, words), lambda b, h, s: (b * num_kv + h, 0, 0)),
+                pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
+      out_specs=pl.BlockSpec((1, 1, None, block), lambda b, h, s: (b, h, 0, s)),
+      interpret=interpret, name="hamming_scores")(
+          length.reshape(batch, 1, 1), q_codes.reshape(batch * num_kv, group, words), k_codes)
+  return out.reshape(batch, num_kv, capacity)
 
 
 def hamming_scores(q_codes, k_codes, length, head_dim: int) -> jax.Array:

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
-from pallas_kernels.score_histogram import eligible_mask
+from pallas_kernels.score_histogram import eligible_mask, tpu_block_spec, tpu_blocks
+
+TPU_SLOT_CHUNK = 512  # output slots per matrix product in the TPU kernel
 
 
 def kept_positions_reference(scores, length, threshold, need, ties_before, kept_before,
@@ -69,6 +71,49 @@ def _kernel(len_ref, t_ref, need_ref, ties_ref, kept_ref, s_ref, o_ref, *, block
   o_ref[0, 0, jnp.where(kept, rank - 1, size)] = positions
 
 
+def _tpu_kernel(len_ref, t_ref, need_ref, ties_ref, kept_ref, s_ref, o_ref, *, block, size,
+                sinks, local, capacity, chunk):
+  """``_kernel`` without a prefix sum or a scattered store, which Mosaic (TPU) lacks.
+
+  Prefix sums are products with an upper-triangular ones matrix (0/1 values in bfloat16,
+  float32 sums: exact). The kept token in slot ``k`` is the first one whose kept count
+  (``kept_before`` included) exceeds ``k``: its position is the block's start plus the
+  number of tokens whose count is at most ``k``, a count taken for a chunk of slots at a
+  time (also a matrix product), and only for chunks that may hold this block's slots,
+  ``[kept_before, kept_before + block)``.
+  """
+  # len_ref: [1]; t_ref, need_ref: [1, 1]; ties_ref, kept_ref: [1, 1, 1] (SMEM scalars);
+  # s_ref: [1, 1, block] int32; o_ref: [1, 1, size + 1] int32 (slot ``size`` unused here)
+  start = pl.program_id(2) * block
+  positions = start + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+  s = s_ref[0]
+  eligible = (positions < capacity) & eligible_mask(positions, len_ref[0], sinks, local)
+  upper = (jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+           <= jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)).astype(jnp.bfloat16)
+  prefix = lambda x: jax.lax.dot_general(  # noqa: E731
+      x.astype(jnp.bfloat16), upper, (((1,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32).astype(jnp.int32)
+  threshold, first = t_ref[0, 0], kept_ref[0, 0, 0]
+  tie = eligible & (s == threshold)
+  tie_rank = ties_ref[0, 0, 0] + prefix(tie)  # 1-based
+  kept = eligible & ((s > threshold) | (tie & (tie_rank <= need_ref[0, 0])))
+  rank = first + prefix(kept)  # [1, block]
+  ones = jnp.ones((1, block), jnp.bfloat16)
+  for k0 in range(0, size, chunk):
+    width = min(chunk, size - k0)
+
+    @pl.when((first < k0 + width) & (first + block > k0))
+    def _():
+      slots = k0 + jax.lax.broadcasted_iota(jnp.int32, (width, 1), 0)
+      before = jax.lax.dot_general(  # [1, width]: tokens whose count is at most the slot
+          ones, (rank <= slots).astype(jnp.bfloat16), (((1,), (1,)), ((), ())),
+          preferred_element_type=jnp.float32).astype(jnp.int32)
+      row = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+      mine = (row >= first) & (before < block)  # the slots this block fills
+      window = o_ref.at[0, :, k0:k0 + width]
+      window[...] = jnp.where(mine, start + before, window[...])
+
+
 @functools.partial(jax.jit, static_argnames=["sinks", "local", "size", "block", "interpret"])
 def kept_positions_kernel(scores, length, threshold, need, ties_before, kept_before,
                           sinks: int, local: int, size: int, block: int,
@@ -77,10 +122,17 @@ def kept_positions_kernel(scores, length, threshold, need, ties_before, kept_bef
   reference."""
   batch, heads, capacity = scores.shape
   blocks = ties_before.shape[-1]
+  length, threshold, need, ties_before, kept_before = (
+      x.astype(jnp.int32) for x in (length, threshold, need, ties_before, kept_before))
+  if backend.platform() == "tpu":
+    kernel = functools.partial(_tpu_kernel, block=block, size=size, sinks=sinks, local=local,
+                               capacity=capacity, chunk=TPU_SLOT_CHUNK)
+    return _tpu_call(kernel, scores, length, threshold, need, ties_before, kept_before,
+                     size, block, interpret)
+  kernel = functools.partial(_kernel, block=block, size=size, sinks=sinks, local=local,
+                             capacity=capacity, masked=backend.masks_edges(interpret))
   out = backend.pallas_call(
-      functools.partial(_kernel, block=block, size=size, sinks=sinks, local=local,
-                        capacity=capacity, masked=backend.masks_edges(interpret)),
-      out_shape=jax.ShapeDtypeStruct((batch, heads, size + 1), jnp.int32),
+      kernel, out_shape=jax.ShapeDtypeStruct((batch, heads, size + 1), jnp.int32),
       grid=(batch, heads, blocks),
       in_specs=[pl.BlockSpec((1,), lambda b, h, j: (b,)),
                 pl.BlockSpec((1, 1), lambda b, h, j: (b, h)),
@@ -90,7 +142,27 @@ def kept_positions_kernel(scores, length, threshold, need, ties_before, kept_bef
                 pl.BlockSpec((1, 1, block), lambda b, h, j: (b, h, j))],
       out_specs=pl.BlockSpec((1, 1, size + 1), lambda b, h, j: (b, h, 0)),
       interpret=interpret, name="kept_positions")(
-          length.astype(jnp.int32), threshold.astype(jnp.int32), need.astype(jnp.int32),
-          ties_before.astype(jnp.int32), kept_before.astype(jnp.int32),
-          scores.astype(jnp.int32))
+          length, threshold, need, ties_before, kept_before, scores.astype(jnp.int32))
   return out[..., :size]
+
+
+def _tpu_call(kernel, scores, length, threshold, need, ties_before, kept_before, size, block,
+              interpret):
+  """The same kernel body with Mosaic's block layout: the per-row and per-block counts are
+  SMEM scalars (their arrays end in ``[..., 1, 1]``), the scores are cut into whole blocks
+  (``score_histogram.tpu_blocks``) and the output row gains a unit dimension."""
+  batch, heads, _ = scores.shape
+  blocks = ties_before.shape[-1]
+  per_row = backend.tpu_scalars((None, None, 1, 1), lambda b, h, j: (b, h, 0, 0))
+  per_block = backend.tpu_scalars((None, None, 1, 1, 1), lambda b, h, j: (b, h, j, 0, 0))
+  out = backend.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((batch, heads, 1, size + 1), jnp.int32),
+      grid=(batch, heads, blocks),
+      in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, j: (b, 0, 0)),
+                per_row, per_row, per_block, per_block, tpu_block_spec(block)],
+      out_specs=pl.BlockSpec((1, 1, None, size + 1), lambda b, h, j: (b, h, 0, 0)),
+      interpret=interpret, name="kept_positions")(
+          length.reshape(batch, 1, 1), threshold.reshape(batch, heads, 1, 1),
+          need.reshape(batch, heads, 1, 1), ties_before.reshape(batch, heads, blocks, 1, 1),
+          kept_before.reshape(batch, heads, blocks, 1, 1), tpu_blocks(scores, block))
+  return out[:, :, 0, :size]

@@ -33,12 +33,16 @@ def pack_signs_reference(x: jax.Array) -> jax.Array:
   return jnp.sum(jnp.left_shift(bits, shifts), axis=-1, dtype=jnp.uint32)
 
 
-def _kernel(x_ref, o_ref, *, words):
-  # x_ref: [rows, 32 * words] float; o_ref: [rows, words] uint32
-  shifts = jnp.arange(32, dtype=jnp.uint32)[None, :]
+def _kernel(x_ref, o_ref, *, words, signed):
+  # x_ref: [rows, 32 * words] float; o_ref: [rows, words] uint32. With ``signed`` (Mosaic
+  # has no unsigned reductions) the bits are summed as int32: distinct powers of two, so
+  # the wrapped sum has the same bits, reinterpreted as uint32.
+  dtype = jnp.int32 if signed else jnp.uint32
+  shifts = jnp.arange(32, dtype=dtype)[None, :]
   for w in range(words):
-    bits = (x_ref[:, 32 * w:32 * (w + 1)] > 0).astype(jnp.uint32)
-    o_ref[:, w] = jnp.sum(jnp.left_shift(bits, shifts), axis=-1, dtype=jnp.uint32)
+    bits = (x_ref[:, 32 * w:32 * (w + 1)] > 0).astype(dtype)
+    packed = jnp.sum(jnp.left_shift(bits, shifts), axis=-1, dtype=dtype)
+    o_ref[:, w] = jax.lax.bitcast_convert_type(packed, jnp.uint32) if signed else packed
 
 
 @functools.partial(jax.jit, static_argnames=["block_sizes", "interpret"])
@@ -49,11 +53,15 @@ def pack_signs_kernel(x: jax.Array, block_sizes: BlockSizes = BlockSizes(),
   words = math.ceil(d / 32)
   flat = x.reshape(-1, d)
   n = flat.shape[0]
-  rows = min(block_sizes.rows, pl.next_power_of_2(max(n, 1)))
+  tpu = backend.platform() == "tpu"
+  if tpu:  # whole sublane tiles: 8 rows of 32-bit values, 16 of 16-bit ones
+    rows = backend.tpu_tile(block_sizes.rows, n, 8 * max(1, 4 // x.dtype.itemsize))
+  else:
+    rows = min(block_sizes.rows, pl.next_power_of_2(max(n, 1)))
   # Whole blocks only: the Triton lowering does not clip a partial last block.
   flat = jnp.pad(flat, [(0, -n % rows), (0, 32 * words - d)])
   out = backend.pallas_call(
-      functools.partial(_kernel, words=words),
+      functools.partial(_kernel, words=words, signed=tpu),
       out_shape=jax.ShapeDtypeStruct((flat.shape[0], words), jnp.uint32),
       grid=(flat.shape[0] // rows,),
       in_specs=[pl.BlockSpec((rows, 32 * words), lambda i: (i, 0))],

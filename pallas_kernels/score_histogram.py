@@ -74,14 +74,37 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
   batch, heads, capacity = scores.shape
   block = block_sizes.block
   blocks = -(-capacity // block)
+  kernel = functools.partial(_kernel, block=block, lo=lo, sinks=sinks, local=local,
+                             capacity=capacity, masked=backend.masks_edges(interpret))
+  out_shape = jax.ShapeDtypeStruct((batch, heads, blocks, 32, 32), jnp.int32)
+  out_spec = pl.BlockSpec((1, 1, 1, 32, 32), lambda b, h, j: (b, h, j, 0, 0))
+  if backend.platform() == "tpu":
+    hist = backend.pallas_call(
+        kernel, out_shape=out_shape, grid=(batch, heads, blocks),
+        in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, j: (b, 0, 0)),
+                  tpu_block_spec(block)],
+        out_specs=out_spec, interpret=interpret, name="score_histogram")(
+            length.astype(jnp.int32).reshape(batch, 1, 1), tpu_blocks(scores, block))
+    return hist.reshape(batch, heads, blocks, BINS)
   hist = backend.pallas_call(
-      functools.partial(_kernel, block=block, lo=lo, sinks=sinks, local=local,
-                        capacity=capacity, masked=backend.masks_edges(interpret)),
-      out_shape=jax.ShapeDtypeStruct((batch, heads, blocks, 32, 32), jnp.int32),
-      grid=(batch, heads, blocks),
+      kernel, out_shape=out_shape, grid=(batch, heads, blocks),
       in_specs=[pl.BlockSpec((1,), lambda b, h, j: (b,)),
                 pl.BlockSpec((1, 1, block), lambda b, h, j: (b, h, j))],
-      out_specs=pl.BlockSpec((1, 1, 1, 32, 32), lambda b, h, j: (b, h, j, 0, 0)),
-      interpret=interpret, name="score_histogram")(length.astype(jnp.int32),
-                                                   scores.astype(jnp.int32))
+      out_specs=out_spec, interpret=interpret, name="score_histogram")(
+          length.astype(jnp.int32), scores.astype(jnp.int32))
   return hist.reshape(batch, heads, blocks, BINS)
+
+
+def tpu_blocks(scores: jax.Array, block: int) -> jax.Array:
+  """``int32 [B, H, S]`` -> ``[B, H, ceil(S / block), 1, block]`` (padded with 0), for
+  ``tpu_block_spec``: the histogram's ``block`` is part of the contract, not a tile size,
+  so it need not be a multiple of Mosaic's 128 lanes; as a whole last dimension it may be
+  any size."""
+  batch, heads, capacity = scores.shape
+  padded = jnp.pad(scores.astype(jnp.int32), [(0, 0), (0, 0), (0, -capacity % block)])
+  return padded.reshape(batch, heads, -1, 1, block)
+
+
+def tpu_block_spec(block: int) -> pl.BlockSpec:
+  """Block ``(b, h, j)`` of ``tpu_blocks``' array, seen by the kernel as ``[1, 1, block]``."""
+  return pl.BlockSpec((1, 1, None, None, block), lambda b, h, j: (b, h, j, 0, 0))

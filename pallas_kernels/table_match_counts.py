@@ -60,6 +60,9 @@ def table_match_counts_kernel(q_tables: jax.Array, k_tables: jax.Array, length: 
   batch, num_q, tables = q_tables.shape
   num_kv, capacity = k_tables.shape[1], k_tables.shape[2]
   group = num_q // num_kv
+  length = length.astype(jnp.int32)
+  if backend.platform() == "tpu":
+    return _tpu_call(q_tables, k_tables, length, block_sizes, interpret)
   block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
   return backend.pallas_call(
       functools.partial(_kernel, group=group, tables=tables, block=block, capacity=capacity,
@@ -70,8 +73,31 @@ def table_match_counts_kernel(q_tables: jax.Array, k_tables: jax.Array, length: 
                 pl.BlockSpec((1, group, tables), lambda b, h, s: (b, h, 0)),
                 pl.BlockSpec((1, 1, block, tables), lambda b, h, s: (b, h, s, 0))],
       out_specs=pl.BlockSpec((1, group, block), lambda b, h, s: (b, h, s)),
+      interpret=interpret, name="table_match_counts")(length, q_tables, k_tables)
+
+
+def _tpu_call(q_tables, k_tables, length, block_sizes, interpret):
+  """The same kernel body with Mosaic's block layout: the token block spans whole lanes
+  (a multiple of 128, or all of ``S``); the length and a group's query codes (as int32:
+  SMEM holds 32-bit scalars) are SMEM scalars; the output is viewed as
+  ``[B, Hkv, G, S]`` so that a block's last two dimensions are ``(G, block)``."""
+  batch, num_q, tables = q_tables.shape
+  num_kv, capacity = k_tables.shape[1], k_tables.shape[2]
+  group = num_q // num_kv
+  block = backend.tpu_tile(block_sizes.tokens, capacity, 128)
+  out = backend.pallas_call(
+      functools.partial(_kernel, group=group, tables=tables, block=block, capacity=capacity,
+                        masked=False),
+      out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, capacity), jnp.int32),
+      grid=(batch, num_kv, pl.cdiv(capacity, block)),
+      in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, s: (b, 0, 0)),
+                backend.tpu_scalars((1, group, tables), lambda b, h, s: (b * num_kv + h, 0, 0)),
+                pl.BlockSpec((1, 1, block, tables), lambda b, h, s: (b, h, s, 0))],
+      out_specs=pl.BlockSpec((1, None, group, block), lambda b, h, s: (b, h, 0, s)),
       interpret=interpret, name="table_match_counts")(
-          length.astype(jnp.int32), q_tables, k_tables)
+          length.reshape(batch, 1, 1),
+          q_tables.astype(jnp.int32).reshape(batch * num_kv, group, tables), k_tables)
+  return out.reshape(batch, num_q, capacity)
 
 
 def table_match_counts(q_tables, k_tables, length) -> jax.Array:
