@@ -15,7 +15,9 @@ them anyway (or ``=0`` to never use them).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +28,36 @@ from jax.experimental import pallas as pl
 VERIFIED: frozenset[str] = frozenset({"gpu"})
 
 
+_TARGETS: list[str] = []  # set by `target`
+
+
 def platform() -> str:
-  """``"cpu"``, ``"gpu"`` or ``"tpu"``: the default backend."""
-  return jax.default_backend()
+  """``"cpu"``, ``"gpu"`` or ``"tpu"``: the default backend, or the one ``target`` names."""
+  return _TARGETS[-1] if _TARGETS else jax.default_backend()
+
+
+@contextlib.contextmanager
+def target(name: str) -> Iterator[None]:
+  """Makes every kernel choice read ``name`` (``"gpu"`` or ``"tpu"``) as the platform, to
+  lower for a backend this machine does not have, e.g. from a CPU::
+
+    with backend.target("tpu"):
+      jax.export.export(jax.jit(step), platforms=["tpu"])(*args)
+
+  Tracing must happen inside the block. Compiled and traced functions are dropped on entry
+  and exit (``jax.clear_caches``), so nothing traced for one platform is reused for the
+  other. Kernels are used as ``use_kernels`` says for ``name`` (``SPARSE_ATTN_PALLAS=1`` for
+  a backend outside ``VERIFIED``).
+  """
+  if name not in ("cpu", "gpu", "tpu"):
+    raise ValueError(f"name must be 'cpu', 'gpu' or 'tpu', got {name!r}")
+  jax.clear_caches()
+  _TARGETS.append(name)
+  try:
+    yield
+  finally:
+    _TARGETS.pop()
+    jax.clear_caches()
 
 
 # Kernels written since the last device run: lowered for Triton and equal to their

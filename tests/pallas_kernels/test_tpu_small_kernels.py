@@ -36,15 +36,23 @@ INTERPRET = pltpu.InterpretParams()
 
 
 @pytest.fixture
-def as_tpu(monkeypatch):
-  """The backend believes it is on a TPU (so the wrappers pick Mosaic's block layout).
-  jit's caches are cleared on both sides: a kernel traced for one backend must not be
-  reused for another (the platform is not part of a cache key)."""
-  jax.clear_caches()
-  monkeypatch.setattr(backend, "platform", lambda: "tpu")
-  monkeypatch.setattr(backend, "compiler_params", lambda: pltpu.CompilerParams())
-  yield
-  jax.clear_caches()
+def as_tpu():
+  """The backend lowers for a TPU (so the wrappers pick Mosaic's block layout);
+  ``backend.target`` clears jit's caches on both sides: a kernel traced for one backend
+  must not be reused for another (the platform is not part of a cache key)."""
+  with backend.target("tpu"):
+    yield
+
+
+def test_target_names_the_platform_within_its_block():
+  before = backend.platform()
+  with backend.target("tpu"):
+    assert backend.platform() == "tpu"
+    assert isinstance(backend.compiler_params(), pltpu.CompilerParams)
+  assert backend.platform() == before
+  with pytest.raises(ValueError, match="name must be"):
+    with backend.target("cuda"):
+      pass
 
 
 def test_interpret_params_reach_pallas_call(as_tpu):
