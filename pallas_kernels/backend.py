@@ -149,3 +149,32 @@ def tpu_scalars(block_shape, index_map):
   in ``[..., 1, 1]`` meets its tiling rule whatever the leading dimensions."""
   from jax.experimental.pallas import tpu as pltpu
   return pl.BlockSpec(block_shape, index_map, memory_space=pltpu.SMEM)
+
+
+def is_tpu_interpret(interpret) -> bool:
+  """Whether ``interpret`` asks for Pallas' TPU interpret mode (a ``pltpu.InterpretParams``):
+  the TPU variants run there on a CPU, with their DMAs and semaphores simulated."""
+  from jax.experimental.pallas import tpu as pltpu
+  return isinstance(interpret, pltpu.InterpretParams)
+
+
+def tpu_pallas_call(kernel, *, out_shape, grid_spec, dimension_semantics, interpret, name: str):
+  """``pl.pallas_call`` for a TPU (Mosaic) kernel with a ``pltpu.PrefetchScalarGridSpec``.
+
+  ``interpret``: a ``pltpu.InterpretParams`` is passed through; ``True`` (or ``None`` on a
+  CPU) means TPU interpret mode with default params, since the TPU variants use DMAs and
+  semaphores that only it simulates; otherwise the kernel is compiled, with
+  ``compiler_params()`` given the grid's ``dimension_semantics`` (which axes may run in
+  parallel on a megacore chip). Interpreted calls take no compiler params.
+  """
+  import dataclasses
+  from jax.experimental.pallas import tpu as pltpu
+  if not is_tpu_interpret(interpret):
+    interpret = pltpu.InterpretParams() if resolve_interpret(interpret) else False
+  params = None
+  if interpret is False:
+    params = compiler_params()
+    if isinstance(params, pltpu.CompilerParams):
+      params = dataclasses.replace(params, dimension_semantics=tuple(dimension_semantics))
+  return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=interpret,
+                        name=name, compiler_params=params)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend
+from pallas_kernels import backend, decode_attention_tpu
 from pallas_kernels.sparse_decode_attention import merge_splits
 
 # Rows of the query matrix a program multiplies: a GPU matrix product needs at least 16, and
@@ -159,7 +159,9 @@ def decode_attention_kernel(q: jax.Array, keys: jax.Array, values: jax.Array,
                             interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """The Pallas kernel: grid over (batch, KV head, split); same contract as the reference.
 
-  ``D`` must be a power of two (a Triton block's dims are); ``supported`` says so.
+  ``D`` must be a power of two (a Triton block's dims are); ``supported`` says so. On a TPU,
+  or with ``interpret`` a ``pltpu.InterpretParams``, the Mosaic variant
+  (``decode_attention_tpu``) runs instead of the Triton-shaped body.
   """
   batch, num_q, head_dim = q.shape
   num_kv, capacity = keys.shape[1], keys.shape[2]
@@ -171,6 +173,12 @@ def decode_attention_kernel(q: jax.Array, keys: jax.Array, values: jax.Array,
   dtype = jnp.promote_types(q.dtype, keys.dtype)
   qg = jnp.pad(q.reshape(batch, num_kv, group, head_dim).astype(dtype),
                [(0, 0), (0, 0), (0, rows - group), (0, 0)])
+  if backend.platform() == "tpu" or backend.is_tpu_interpret(interpret):
+    out, lse = decode_attention_tpu.decode_splits(
+        qg, keys, values, length, block=block, split=split, scale=1.0 / math.sqrt(head_dim),
+        interpret=interpret)
+    out, lse = merge_splits(out[:, :, :, :group], lse[:, :, :, :group])
+    return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
   out, lse = backend.pallas_call(
       functools.partial(_kernel, block=block, split=split, capacity=capacity,
                         scale=1.0 / math.sqrt(head_dim)),

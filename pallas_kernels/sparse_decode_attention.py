@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend
+from pallas_kernels import backend, sparse_decode_attention_tpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,11 +237,18 @@ def _kernel(count_ref, idx_ref, lw_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
 def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
                                    block_sizes: BlockSizes = BlockSizes(),
                                    interpret: bool | None = None):
-  """The Pallas kernel: grid over (batch, list, split); same contract as the reference."""
+  """The Pallas kernel: grid over (batch, list, split); same contract as the reference. On a
+  TPU, or with ``interpret`` a ``pltpu.InterpretParams``, the Mosaic variant
+  (``sparse_decode_attention_tpu``: rows fetched by DMA) runs instead of the gathering body,
+  with its own block sizes (``sparse_decode_attention_tpu.resolve``)."""
   ratio, group = _layout(q, keys, indices)
   batch, num_q, head_dim = q.shape
   num_lists, n = indices.shape[1], indices.shape[2]
-  block, split = block_sizes.resolve(batch, num_lists, group, n)
+  tpu = backend.platform() == "tpu" or backend.is_tpu_interpret(interpret)
+  if tpu:
+    block, split = sparse_decode_attention_tpu.resolve(block_sizes.block, block_sizes.split, n)
+  else:
+    block, split = block_sizes.resolve(batch, num_lists, group, n)
   if split % block:
     raise ValueError(f"block_sizes.split={block_sizes.split} must be a multiple of "
                      f"block_sizes.block={block}")
@@ -251,6 +258,13 @@ def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
   log_weights = (jnp.zeros(indices.shape, jnp.float32) if log_weights is None
                  else jnp.pad(log_weights.astype(jnp.float32), pad))
   capacity = keys.shape[2]
+  if tpu:
+    out, lse = sparse_decode_attention_tpu.sparse_splits(
+        q.reshape(batch, num_lists, group, head_dim), keys, values, indices, log_weights,
+        count, block=block, split=split, ratio=ratio, scale=1.0 / math.sqrt(head_dim),
+        interpret=interpret)
+    out, lse = merge_splits(out, lse)
+    return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
   out, lse = backend.pallas_call(
       functools.partial(_kernel, block=block, split=split, scale=1.0 / math.sqrt(head_dim)),
       out_shape=(jax.ShapeDtypeStruct((batch, num_lists, num_splits, group, head_dim),
