@@ -117,6 +117,12 @@ def build_state(config: LlamaConfig, est, batch: int, length: int, capacity: int
   return DecodeState(tuple(caches), tuple(indices))
 
 
+def memory_stats() -> dict:
+  """The device's memory statistics (``bytes_limit``, ``peak_bytes_in_use``; a GPU reports
+  them, a CPU none)."""
+  return jax.devices()[0].memory_stats() or {}
+
+
 def cache_copies(hlo: str, capacity: int) -> int:
   """HLO ``copy`` instructions of arrays with the cache's sequence axis (caches, per-token
   index arrays): a donated, carried cache has none."""
@@ -154,7 +160,7 @@ def time_method(model: Llama, name: str, args, capacity: int, dtype) -> dict:
              density=float(jnp.mean(out.density)),
              finite=bool(jnp.all(jnp.isfinite(out.logits))),
              final_length=int(state.caches[0].length[0]))
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = memory_stats()
   if "peak_bytes_in_use" in stats:
     row["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
   if not row["finite"]:
@@ -167,7 +173,7 @@ def run(args, save=lambda report: None) -> dict:
   dtype = jnp.dtype(args.dtype)
   capacity = args.length + args.steps * (args.warmup + args.repeats) + 64
   size = sizes(model_config(1, args), args.methods, args.batch, capacity, dtype)
-  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  limit = memory_stats().get("bytes_limit")
   if args.layers == "auto":
     if limit is None:
       raise ValueError("--layers auto needs a device that reports its memory limit (a GPU)")

@@ -1,11 +1,14 @@
 """``benchmarks.model_decode_loop`` at tiny sizes on the CPU: the report the device run will
-write (dense and Spotlight in one compiled loop each), and the layers-that-fit arithmetic."""
+write (dense and Spotlight in one compiled loop each), and the layers-that-fit arithmetic
+(``--layers auto`` with a pretended device memory limit)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax.numpy as jnp
+import pytest
 
 from benchmarks import model_decode_loop as mdl
 
@@ -35,11 +38,9 @@ def test_small_run_reports_every_field(tmp_path):
 
 
 def test_layers_that_fit_llama_8b_at_128k_batch_8():
-  class Args:
-    vocab, intermediate, hidden = 128256, 14336, 4096
-
+  shapes = argparse.Namespace(vocab=128256, intermediate=14336, hidden=4096)
   capacity = 131072 + 32 * 6 + 64
-  size = mdl.sizes(mdl.model_config(1, Args), ["dense", "spotlight"], 8, capacity,
+  size = mdl.sizes(mdl.model_config(1, shapes), ["dense", "spotlight"], 8, capacity,
                    jnp.bfloat16)
   assert size["cache_per_layer"] == 2 * 8 * 8 * capacity * 128 * 2 + 8 * 4  # K, V, lengths
   assert size["weights_per_layer"] == 2 * (4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336
@@ -49,3 +50,23 @@ def test_layers_that_fit_llama_8b_at_128k_batch_8():
   assert mdl.layers_that_fit(int(0.95 * 78 * GIB), size, 6 * GIB) == 14
   assert mdl.layers_that_fit(int(0.95 * 139 * GIB), size, 6 * GIB) == 27
   assert mdl.layers_that_fit(GIB, size, 0) == 0
+
+
+def test_layers_auto_takes_the_most_that_fit(tmp_path, monkeypatch):
+  small = ["--small", "--steps", "1", "--repeats", "1", "--methods", "dense,spotlight"]
+  shapes = argparse.Namespace(vocab=512, intermediate=512, hidden=256)  # --small's
+  sizes = mdl.sizes(mdl.model_config(1, shapes), ["dense", "spotlight"], 2, 512 + 2 + 64,
+                    jnp.bfloat16)
+  per_layer = (sizes["weights_per_layer"] + sizes["cache_per_layer"]
+               + sizes["index_per_layer"]["spotlight"])
+  limit = sizes["weights_fixed"] + 3 * per_layer + GIB // 1000 + per_layer // 2
+  monkeypatch.setattr(mdl, "memory_stats", lambda: {"bytes_limit": limit})
+  path = tmp_path / "auto.json"
+  assert mdl.main(small + ["--layers", "auto", "--headroom-gib", "0.001", "--json",
+                           str(path)]) == 0
+  report = json.loads(path.read_text())
+  assert report["layers"] == report["layers_that_fit"] == 3
+  assert report["sizes"] == sizes and report["layers_arg"] == "auto"
+  monkeypatch.setattr(mdl, "memory_stats", dict)  # a CPU reports no limit
+  with pytest.raises(ValueError, match="auto"):
+    mdl.main(small + ["--layers", "auto"])
