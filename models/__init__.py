@@ -15,11 +15,13 @@ Imports flow ``models -> sparse_attn -> pallas_kernels``.
 
 from models.checkpoint import load_hf
 from models.config import LlamaConfig, RopeScaling
-from models.decoding import DecodeState, GenerateOutput, capture, decode_step, generate
+from models.decoding import DecodeState, GenerateOutput, LoopOutput, capture, decode_loop
+from models.decoding import decode_step, generate
 from models.decoding import layer_estimators, prefill, start_decode
 from models.llama import Llama
 
 __all__ = [
-    "DecodeState", "GenerateOutput", "Llama", "LlamaConfig", "RopeScaling", "capture",
-    "decode_step", "generate", "layer_estimators", "load_hf", "prefill", "start_decode",
+    "DecodeState", "GenerateOutput", "Llama", "LlamaConfig", "LoopOutput", "RopeScaling",
+    "capture", "decode_loop", "decode_step", "generate", "layer_estimators", "load_hf", "prefill",
+    "start_decode",
 ]

@@ -206,6 +206,53 @@ def decode_step(model: Llama, state: DecodeState, tokens, *, attention=None,
   return _decode_step(graphdef, params, state, jnp.asarray(tokens, jnp.int32), key, ests)
 
 
+class LoopOutput(NamedTuple):
+  """``tokens int32 [B, steps]`` (greedy, each fed to the next step); ``logits float32 [B, V]``
+  of the last step; ``density float32 [steps, layers, B, Hq]``."""
+
+  tokens: jax.Array
+  logits: jax.Array
+  density: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "ests", "steps"),
+                   donate_argnames=("state",))
+def _decode_loop(graphdef, params, state, tokens, key, ests, steps):
+  model = nnx.merge(graphdef, params)
+
+  def body(carry, step_key):
+    state, tokens, _ = carry
+    logits, state, density = _decode(model, state, tokens, step_key, ests)
+    nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return (state, nxt, logits), (nxt, density)
+
+  logits = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
+  (state, _, logits), (out, density) = jax.lax.scan(body, (state, tokens, logits),
+                                                    jax.random.split(key, steps))
+  return LoopOutput(out.T, logits, density), state
+
+
+def decode_loop(model: Llama, state: DecodeState, tokens, steps: int, *, attention=None,
+                dense_layers: Sequence[int] = (), key: jax.Array | None = None):
+  """``steps`` greedy decode steps inside one compiled program (a ``lax.scan``).
+
+  Step ``i`` is ``decode_step`` with key ``jax.random.split(key, steps)[i]``; its argmax
+  token is the next step's input. Host dispatch is paid once per call, as in a compiled
+  decode loop (what end-to-end throughput is measured with). ``state`` is donated and
+  carried: the caches are updated in place, one token per step.
+
+  Returns:
+    ``(LoopOutput, DecodeState)``.
+  """
+  if not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps must be a positive int, got {steps!r}")
+  ests = layer_estimators(model.config.num_layers, attention, dense_layers)
+  graphdef, params = nnx.split(model)
+  key = jax.random.key(0) if key is None else key
+  return _decode_loop(graphdef, params, state, jnp.asarray(tokens, jnp.int32), key, ests,
+                      steps)
+
+
 def _sample(logits, key, temperature, greedy: bool):
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
