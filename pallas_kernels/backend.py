@@ -6,7 +6,9 @@
   deprecates that lowering in favour of Mosaic GPU (``plgpu.kernel``); a Mosaic GPU path can be
   added here without touching the kernel bodies, which use only ``jnp``/``lax`` ops and
   ``load``/``store`` below (the one Triton-specific need: masks at the array's edge).
-* TPU: ``pallas_call`` lowered through Mosaic.
+* TPU: ``pallas_call`` lowered through Mosaic; kernels whose memory pattern differs there
+  (row fetches by DMA) have a TPU variant beside them, picked by their wrapper. Lowered
+  (``target``, ``jax.export``) and checked in TPU interpret mode, not run on a TPU.
 
 Kernels are used by default only on backends in ``VERIFIED``: those where a device run has
 checked the compiled kernels against their references. Set ``SPARSE_ATTN_PALLAS=1`` to use
