@@ -30,9 +30,9 @@ def numpy_attention(q, keys, values, indices, log_weights, count):
   return out, lse
 
 
-def problem(per_query_head, dtype, n=300, capacity=257, seed=0):
+def problem(per_query_head, dtype, n=300, capacity=257, seed=0, dim=32):
   rng = np.random.default_rng(seed)
-  batch, num_kv, group, dim = 2, 2, 3, 32
+  batch, num_kv, group = 2, 2, 3
   lists = num_kv * group if per_query_head else num_kv
   q = jnp.asarray(rng.normal(size=(batch, num_kv * group, dim)) * 2, dtype)
   keys = jnp.asarray(rng.normal(size=(batch, num_kv, capacity, dim)), dtype)

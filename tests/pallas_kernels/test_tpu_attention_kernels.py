@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import sparse_decode_attention as sda
+from tests.pallas_kernels.test_sparse_decode_attention import problem as sparse_reference_problem
 
 try:  # public from jax 0.11; jax 0.10 keeps it in jax._src.mesh
   from jax.sharding import AbstractDevice
@@ -52,18 +53,9 @@ def dense_problem(dtype, batch=2, num_kv=2, group=3, capacity=300, dim=128, seed
   return q, keys, values, length
 
 
-def sparse_problem(dtype, per_query_head=False, batch=2, num_kv=2, group=3, capacity=1000,
-                   n=300, dim=128, seed=0):
-  rng = np.random.default_rng(seed)
-  lists = num_kv * group if per_query_head else num_kv
-  q = jnp.asarray(rng.normal(size=(batch, num_kv * group, dim)) * 2, dtype)
-  keys = jnp.asarray(rng.normal(size=(batch, num_kv, capacity, dim)), dtype)
-  values = jnp.asarray(rng.normal(size=(batch, num_kv, capacity, dim)), dtype)
-  indices = jnp.asarray(rng.integers(0, capacity, size=(batch, lists, n)), jnp.int32)
-  log_weights = jnp.asarray(rng.normal(size=(batch, lists, n)) * 3, jnp.float32)
-  count = rng.integers(1, n + 1, size=(batch, lists)).astype(np.int32)
-  count[0, 0], count[-1, -1] = 0, n  # an empty list and a full one
-  return q, keys, values, indices, log_weights, jnp.asarray(count)
+def sparse_problem(dtype, per_query_head=False, capacity=1000, n=300):
+  """``test_sparse_decode_attention``'s problem at head dim 128 (a TPU lane width)."""
+  return sparse_reference_problem(per_query_head, dtype, n=n, capacity=capacity, dim=128)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
