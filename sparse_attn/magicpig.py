@@ -119,14 +119,14 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
       buckets share this buffer); a step whose buckets do not fit counts collisions by a
       scan of every code (exact, slower). None (the default): sized by ``init`` from the
       prefill, as ``max_selected``.
-
-  Under a traced ``init`` (inside the caller's ``jit``), or with fewer than 256 residual
-  tokens in every row, the defaults are ``2 w(0) + 1/64`` of ``S`` sampled tokens (``w(0)``
-  the inclusion probability of a key orthogonal to the query: 3.5% for K=10, L=150) and
-  ``2 L 2**-K`` of ``S`` bucket entries (0.29 for K=10, L=150).
     tail: tokens appended since the last table build that are scanned directly; the
       tables are rebuilt when more are pending.
     append_chunk: tokens hashed per step of ``append``'s loop.
+
+  Under a traced ``init`` (inside the caller's ``jit``), or with fewer than 256 residual
+  tokens in every row, the default sizes are ``2 w(0) + 1/64`` of ``S`` sampled tokens
+  (``w(0)`` the inclusion probability of a key orthogonal to the query: 3.5% for K=10,
+  L=150) and ``2 L 2**-K`` of ``S`` bucket entries (0.29 for K=10, L=150).
 
   ``append(index, cache)`` donates ``index`` (updated in place): keep only the returned index.
 
@@ -179,19 +179,16 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     index = _init(cache, key)
     if subsample and max_candidates is not None:
       return index
-    sized = magicpig_buffers.from_prefill(index, cache, hash_queries, sinks, local,
-                                          min_collisions, index.buffers)
-    return index._replace(buffers=magicpig_buffers.Buffers(
-        index.buffers.candidates if max_candidates is not None else sized.candidates,
-        index.buffers.selected if subsample else sized.selected))
+    return index._replace(buffers=buffers(cache.keys.shape[2], magicpig_buffers.from_prefill(
+        index, cache, hash_queries, sinks, local, min_collisions, index.buffers)))
 
-  def given_buffers(capacity):
-    """The explicit sizes, and the formula's where none is given."""
-    auto = magicpig_buffers.formula(K, L, min_collisions, capacity)
+  def buffers(capacity, defaults):
+    """The explicit sizes, and ``defaults``' where none is given (the one rule for init's
+    formula, init's prefill sizes and attend's index sizes)."""
     tokens = lambda fraction: max(1, math.ceil(fraction * capacity))  # noqa: E731
     return magicpig_buffers.Buffers(
-        auto.candidates if max_candidates is None else tokens(max_candidates),
-        tokens(max_selected) if subsample else auto.selected)
+        defaults.candidates if max_candidates is None else tokens(max_candidates),
+        tokens(max_selected) if subsample else defaults.selected)
 
   @jax.jit
   def _init(cache, key):
@@ -211,7 +208,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         empty, cache, lambda rows: hash_keys(rows, index_planes, key_mean), K * L + head_dim)
     subsample_key = jax.random.key_data(jax.random.fold_in(key, 1))
     return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
-                         length, first, subsample_key, given_buffers(capacity))
+                         length, first, subsample_key,
+                         buffers(capacity, magicpig_buffers.formula(K, L, min_collisions,
+                                                                    capacity)))
 
   def append(index: MagicPigIndex, cache: KVCache) -> MagicPigIndex:
     check_cache(cache)
@@ -331,9 +330,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     keys, values, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
     # Explicit sizes are the estimator's own; the defaults come with the index (init's).
-    given = given_buffers(capacity)
-    num_selected = given.selected if subsample else index.buffers.selected
-    num_candidates = index.buffers.candidates if max_candidates is None else given.candidates
+    sizes = buffers(capacity, index.buffers)
+    num_selected, num_candidates = sizes.selected, sizes.candidates
     tail_size = min(tail, capacity)
     qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
     q_codes = hash_queries(qg, index.planes)
