@@ -160,6 +160,12 @@ def is_tpu_interpret(interpret) -> bool:
   return isinstance(interpret, pltpu.InterpretParams)
 
 
+def mosaic_layout(interpret) -> bool:
+  """Whether a kernel takes its TPU (Mosaic) layout or variant: on a TPU (or a ``target``
+  naming one), and in TPU interpret mode on any machine. The one test every wrapper uses."""
+  return platform() == "tpu" or is_tpu_interpret(interpret)
+
+
 def tpu_pallas_call(kernel, *, out_shape, grid_spec, dimension_semantics, interpret, name: str):
   """``pl.pallas_call`` for a TPU (Mosaic) kernel with a ``pltpu.PrefetchScalarGridSpec``.
 

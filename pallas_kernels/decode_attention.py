@@ -173,7 +173,7 @@ def decode_attention_kernel(q: jax.Array, keys: jax.Array, values: jax.Array,
   dtype = jnp.promote_types(q.dtype, keys.dtype)
   qg = jnp.pad(q.reshape(batch, num_kv, group, head_dim).astype(dtype),
                [(0, 0), (0, 0), (0, rows - group), (0, 0)])
-  if backend.platform() == "tpu" or backend.is_tpu_interpret(interpret):
+  if backend.mosaic_layout(interpret):
     out, lse = decode_attention_tpu.decode_splits(
         qg, keys, values, length, block=block, split=split, scale=1.0 / math.sqrt(head_dim),
         interpret=interpret)

@@ -1,8 +1,9 @@
 """The TPU (Mosaic) variant of dense split-K decode attention (``decode_attention``).
 
 Same contract and reference as ``decode_attention.decode_attention_kernel``; the wrapper
-there picks this variant where ``backend.platform() == "tpu"`` (or where ``interpret`` is a
-``pltpu.InterpretParams``, Pallas' TPU interpret mode). Why a separate body:
+there picks this variant where ``backend.mosaic_layout(interpret)`` (on a TPU, or where
+``interpret`` is a ``pltpu.InterpretParams``, Pallas' TPU interpret mode). Why a separate
+body:
 
 * Mosaic takes no rank-1 ``[1]`` block of ``length`` (a rank-1 block must be the whole
   array or a multiple of 1024 elements): the lengths are scalar-prefetched into SMEM, where

@@ -68,7 +68,7 @@ def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Ar
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   group = num_q // num_kv
   length = length.astype(jnp.int32)
-  if backend.platform() == "tpu":
+  if backend.mosaic_layout(interpret):
     return _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret)
   block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
   return backend.pallas_call(

@@ -124,7 +124,7 @@ def kept_positions_kernel(scores, length, threshold, need, ties_before, kept_bef
   blocks = ties_before.shape[-1]
   length, threshold, need, ties_before, kept_before = (
       x.astype(jnp.int32) for x in (length, threshold, need, ties_before, kept_before))
-  if backend.platform() == "tpu":
+  if backend.mosaic_layout(interpret):
     kernel = functools.partial(_tpu_kernel, block=block, size=size, sinks=sinks, local=local,
                                capacity=capacity, chunk=TPU_SLOT_CHUNK)
     return _tpu_call(kernel, scores, length, threshold, need, ties_before, kept_before,

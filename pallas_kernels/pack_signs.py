@@ -53,7 +53,7 @@ def pack_signs_kernel(x: jax.Array, block_sizes: BlockSizes = BlockSizes(),
   words = math.ceil(d / 32)
   flat = x.reshape(-1, d)
   n = flat.shape[0]
-  tpu = backend.platform() == "tpu"
+  tpu = backend.mosaic_layout(interpret)
   if tpu:  # whole sublane tiles: 8 rows of 32-bit values, 16 of 16-bit ones
     rows = backend.tpu_tile(block_sizes.rows, n, 8 * max(1, 4 // x.dtype.itemsize))
   else:

@@ -78,7 +78,7 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
                              capacity=capacity, masked=backend.masks_edges(interpret))
   out_shape = jax.ShapeDtypeStruct((batch, heads, blocks, 32, 32), jnp.int32)
   out_spec = pl.BlockSpec((1, 1, 1, 32, 32), lambda b, h, j: (b, h, j, 0, 0))
-  if backend.platform() == "tpu":
+  if backend.mosaic_layout(interpret):
     hist = backend.pallas_call(
         kernel, out_shape=out_shape, grid=(batch, heads, blocks),
         in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, j: (b, 0, 0)),

@@ -244,7 +244,7 @@ def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
   ratio, group = _layout(q, keys, indices)
   batch, num_q, head_dim = q.shape
   num_lists, n = indices.shape[1], indices.shape[2]
-  tpu = backend.platform() == "tpu" or backend.is_tpu_interpret(interpret)
+  tpu = backend.mosaic_layout(interpret)
   if tpu:
     block, split = sparse_decode_attention_tpu.resolve(block_sizes.block, block_sizes.split, n)
   else:

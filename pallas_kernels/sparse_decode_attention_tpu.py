@@ -1,9 +1,9 @@
 """The TPU (Mosaic) variant of decode attention over an index list (``sparse_decode_attention``).
 
 Same contract and reference as ``sparse_decode_attention.sparse_decode_attention_kernel``;
-the wrapper there picks this variant where ``backend.platform() == "tpu"`` (or where
-``interpret`` is a ``pltpu.InterpretParams``, Pallas' TPU interpret mode). Why a separate
-body: the GPU body takes a head's whole ``[S, D]`` cache as one block and gathers rows from
+the wrapper there picks this variant where ``backend.mosaic_layout(interpret)`` (on a TPU,
+or where ``interpret`` is a ``pltpu.InterpretParams``, Pallas' TPU interpret mode). Why a
+separate body: the GPU body takes a head's whole ``[S, D]`` cache as one block and gathers rows from
 it, which on a TPU would copy every row of the head (128K at long contexts) into VMEM for
 the few hundred listed, and its ``(1, 1, split)`` blocks of the list break Mosaic's tiling
 rule. Here:

@@ -61,7 +61,7 @@ def table_match_counts_kernel(q_tables: jax.Array, k_tables: jax.Array, length: 
   num_kv, capacity = k_tables.shape[1], k_tables.shape[2]
   group = num_q // num_kv
   length = length.astype(jnp.int32)
-  if backend.platform() == "tpu":
+  if backend.mosaic_layout(interpret):
     return _tpu_call(q_tables, k_tables, length, block_sizes, interpret)
   block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
   return backend.pallas_call(
