@@ -10,7 +10,8 @@
 #  5. benchmarks.model_decode_loop: end-to-end tokens/s of a Llama-3.1-8B-shaped model
 #     (random weights), 128K context, batch 8, dense against Spotlight in every layer.
 # Knobs: KERNEL_ARGS (e.g. --no-timings), SKIP_TORCH=1, DECODE_TIMEOUT, DECODE_ARGS (e.g.
-# --hlo-dir "$OUT"), E2E_TIMEOUT, E2E_LAYERS (an int or auto), E2E_ARGS.
+# --hlo-dir "$OUT", or --methods for the sampling estimators: docs/gpu.md), SKIP_E2E=1,
+# E2E_TIMEOUT, E2E_LAYERS (an int or auto), E2E_ARGS.
 # Usage on a GPU machine, from the repository root: OUT=/some/dir bash benchmarks/device_gpu_decode.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -34,6 +35,7 @@ PY="${PYTHON:-python3}"
   echo "== jax decode loop"
   timeout "${DECODE_TIMEOUT:-300}" $PY -m benchmarks.gpu_decode --json "$OUT/gpu_decode.json" ${DECODE_ARGS:-} | grep -v '^ \|^[{}]'
   date -u
+  if [ "${SKIP_E2E:-0}" = 1 ]; then exit 0; fi
   echo "== e2e model decode loop"
   # 14 layers fit an H100 80 GB: per layer, K+V at 128K x batch 8 in bf16 is 4.0 GiB, the
   # weights 0.41 GiB and Spotlight's index 0.13 GiB; with the embedding and LM head (1.96 GiB)

@@ -35,6 +35,7 @@ from pallas_kernels import kept_positions as kp
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
 from pallas_kernels import table_match_counts as tmc
+from sparse_attn.magicpig import LogInclusion
 from sparse_attn._src import selection
 
 # Peak HBM bandwidth in bytes/s by device kind (vendor figures), for the floor.
@@ -83,12 +84,16 @@ def check_equal(interpret: bool) -> list[dict]:
                                                 interpret=interpret),
                        hs.hamming_scores_reference(q, k, length, 128)))})
   rng = np.random.default_rng(0)
-  qt = jnp.asarray(rng.integers(0, 8, size=(2, 8, 150)), jnp.uint32)
-  kt = jnp.asarray(rng.integers(0, 8, size=(2, 2, 1000, 150)), jnp.uint16)
-  rows.append({"kernel": "table_match_counts", "dtype": "uint16", "max_diff": attempt(
-      lambda: max_diff(tmc.table_match_counts_kernel(qt, kt, length, tmc.BlockSizes(tokens=256),
-                                                     interpret=interpret),
-                       tmc.table_match_counts_reference(qt, kt, length)))})
+  # K = 3 bits per table (plenty of matches), L = 150 tables packed in 15 words.
+  qt = tmc.pack_codes(jnp.asarray(rng.integers(0, 8, size=(2, 8, 150)), jnp.uint32), 3)
+  kt = tmc.pack_codes(jnp.asarray(rng.integers(0, 8, size=(2, 2, 1000, 150)), jnp.uint32), 3)
+  for cap in (None, 2):  # all counts, and MagicPIG's (capped at min_collisions)
+    rows.append({"kernel": f"table_match_counts (cap {cap})", "dtype": "uint32", "max_diff":
+                 attempt(lambda cap=cap: max_diff(
+                     tmc.table_match_counts_kernel(qt, kt, length, 3, 150, cap,
+                                                   tmc.BlockSizes(tokens=256),
+                                                   interpret=interpret),
+                     tmc.table_match_counts_reference(qt, kt, length, 3, 150, cap)))})
   for dtype in (jnp.float32, jnp.bfloat16):
     for lists in (2, 8):  # per KV head (shared by the group) and per query head
       qq = jnp.asarray(rng.normal(size=(2, 8, 128)), dtype)
@@ -107,6 +112,15 @@ def check_equal(interpret: bool) -> list[dict]:
       rows.append({"kernel": f"sparse_decode_attention ({lists} lists)",
                    "dtype": jnp.dtype(dtype).name,
                    "max_diff": attempt(diff, qq, keys, values, idx, lw, count)})
+    # MagicPIG's weights, computed in the pass from each key's score (one list per query).
+    weights = sda.ScoreWeights(
+        LogInclusion(10, 150, 2, 128), jnp.asarray(rng.uniform(5, 15, (2, 2, 1000)),
+                                                           jnp.float32),
+        jnp.stack([jnp.full((2, 8), 11.0), jnp.asarray(rng.normal(size=(2, 8)), jnp.float32),
+                   jnp.zeros((2, 8))], -1).reshape(2, 8, 1, 3))
+    rows.append({"kernel": "sparse_decode_attention (MagicPIG weights)",
+                 "dtype": jnp.dtype(dtype).name,
+                 "max_diff": attempt(diff, qq, keys, values, idx, weights, count)})
   for dtype in (jnp.float32, jnp.bfloat16):
     qq = jnp.asarray(rng.normal(size=(3, 8, 128)), dtype)
     keys = jnp.asarray(rng.normal(size=(3, 2, 1000, 128)), dtype)

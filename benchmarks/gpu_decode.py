@@ -77,7 +77,10 @@ def methods(params, which) -> dict:
     every[name] = (None, lambda q, c, i, k, blocks=blocks: da.decode_attention_kernel(
         q, *c, block_sizes=blocks)[0], compiler_patch(stages))
   estimators = {"spotlight": lambda: sa.spotlight(params, fraction=0.02),
-                "topk_simhash": lambda: sa.topk(fraction=0.02, predictor=sa.predictors.simhash())}
+                "topk_simhash": lambda: sa.topk(fraction=0.02, predictor=sa.predictors.simhash()),
+                # The scan of packed codes on a GPU (backend.magicpig_retrieval); its "_kept"
+                # variant lists the sample with the kept-positions kernel.
+                "magicpig": lambda: sa.magicpig(K=10, L=150)}
   for name, make in estimators.items():
     # A fresh estimator per variant: its jitted attend caches the trace of its selection.
     for suffix, patch in (("", no_patch), ("_bisect", bisect), ("_kept", pending)):

@@ -28,7 +28,7 @@ from benchmarks import harness
 from benchmarks import magicpig_buffers as mb
 from benchmarks.task_codec import Codec
 from models import checkpoint
-from pallas_kernels.table_match_counts import table_match_counts
+from pallas_kernels.table_match_counts import pack_codes, table_match_counts
 from sparse_attn import lsh
 from sparse_attn.attention import group_queries
 
@@ -42,7 +42,8 @@ def needs(codes, index, length):
   offsets = index.tables.offsets[:, :, None]
   entries = jnp.sum(jnp.take_along_axis(offsets, c + 1, axis=-1)
                     - jnp.take_along_axis(offsets, c, axis=-1), axis=(-2, -1))
-  counts = table_match_counts(codes.reshape(batch, -1, L), index.codes, length)
+  counts = table_match_counts(pack_codes(codes, K).reshape(batch, num_kv_heads * group, -1),
+                              index.codes, length, K, L)
   positions = jnp.arange(index.codes.shape[2])[None]
   residual = (positions >= SINKS) & (positions < (length - LOCAL)[:, None])
   qualified = jnp.sum((counts >= 2) & residual[:, None], axis=-1)
@@ -52,7 +53,7 @@ def needs(codes, index, length):
 
 
 def measure(problems) -> dict:
-  est = sa.magicpig(K=K, L=L, sinks=SINKS, local=LOCAL)
+  est = sa.magicpig(K=K, L=L, sinks=SINKS, local=LOCAL, retrieval="tables")
   found = {"real": ([], []), "proxies": ([], [])}
   for i, (q, cache) in enumerate(problems[:PROBLEMS]):
     index = est.init(cache, jax.random.PRNGKey(i))

@@ -77,6 +77,14 @@ def use_kernels(name: str | None = None) -> bool:
   return platform() in VERIFIED and name not in PENDING
 
 
+def magicpig_retrieval() -> str:
+  """How MagicPIG finds a query's collisions here: ``"tables"`` (bucketed tables: a sort per
+  rebuild and scatter-adds per query, which XLA:CPU runs well) on a CPU, ``"scan"`` (one
+  pass over every packed code, a Pallas kernel) on accelerators, where sorts and scatters
+  are slow and a streaming pass is what the hardware does best."""
+  return "tables" if platform() == "cpu" else "scan"
+
+
 def resolve_interpret(interpret):
   """``None`` means: interpret on CPU (the only way Pallas runs there), compile elsewhere.
   An interpret-mode parameter object (``pltpu.InterpretParams``: TPU interpret mode, which

@@ -27,7 +27,8 @@ def kept_positions_reference(scores, length, threshold, need, ties_before, kept_
   """The jnp twin.
 
   Args:
-    scores: ``int32 [B, H, S]``; length: ``int32 [B]``.
+    scores: ``int [B, H, S]`` (any width: the kernel reads narrow scores as they are);
+      length: ``int32 [B]``.
     threshold, need: ``int32 [B, H]``.
     ties_before, kept_before: ``int32 [B, H, ceil(S / block)]``.
     sinks, local, size, block: static; ``size`` bounds the kept count.
@@ -57,11 +58,11 @@ def kept_positions_reference(scores, length, threshold, need, ties_before, kept_
 def _kernel(len_ref, t_ref, need_ref, ties_ref, kept_ref, s_ref, o_ref, *, block, size, sinks,
             local, capacity, masked):
   # len_ref: [1]; t_ref, need_ref: [1, 1]; ties_ref, kept_ref: [1, 1, 1] (this block's);
-  # s_ref: [1, 1, block] int32; o_ref: [1, 1, size + 1] int32 (slot ``size`` takes the
-  # tokens not kept: one store per token, no mask)
+  # s_ref: [1, 1, block] int (any width); o_ref: [1, 1, size + 1] int32 (slot ``size``
+  # takes the tokens not kept: one store per token, no mask)
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
-  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked)
+  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked).astype(jnp.int32)
   eligible = inside & eligible_mask(positions, len_ref[0], sinks, local)
   threshold = t_ref[0, 0]
   tie = eligible & (s == threshold)
@@ -142,7 +143,7 @@ def kept_positions_kernel(scores, length, threshold, need, ties_before, kept_bef
                 pl.BlockSpec((1, 1, block), lambda b, h, j: (b, h, j))],
       out_specs=pl.BlockSpec((1, 1, size + 1), lambda b, h, j: (b, h, 0)),
       interpret=interpret, name="kept_positions")(
-          length, threshold, need, ties_before, kept_before, scores.astype(jnp.int32))
+          length, threshold, need, ties_before, kept_before, scores)
   return out[..., :size]
 
 
@@ -164,5 +165,6 @@ def _tpu_call(kernel, scores, length, threshold, need, ties_before, kept_before,
       interpret=interpret, name="kept_positions")(
           length.reshape(batch, 1, 1), threshold.reshape(batch, heads, 1, 1),
           need.reshape(batch, heads, 1, 1), ties_before.reshape(batch, heads, blocks, 1, 1),
-          kept_before.reshape(batch, heads, blocks, 1, 1), tpu_blocks(scores, block))
+          kept_before.reshape(batch, heads, blocks, 1, 1),
+          tpu_blocks(scores.astype(jnp.int32), block))
   return out[:, :, 0, :size]

@@ -13,6 +13,10 @@ blocks of ``block`` rows with an online softmax and returns ``(out, lse)``; the 
 merged outside the kernel by log-sum-exp. Blocks past ``count`` are never read, so a static
 list that is mostly padding costs only its valid part. An empty list gives ``out = 0`` and
 ``lse = -inf`` (never NaN).
+
+Log-weights that depend on the scores themselves (MagicPIG's ``1/w`` from the exact cosine)
+are a ``ScoreWeights``: the pass computes them from each gathered key's score, so every
+listed key is read once, for its weight and its attention together.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +54,31 @@ class BlockSizes:
 
 
 PROGRAMS = 256
+
+
+class ScoreWeights(NamedTuple):
+  """Per-entry log-weights computed from each listed row's score inside the pass:
+  ``lw = fn(s, row, *params)``.
+
+  Attributes:
+    fn: a hashable function of float32 arrays that broadcast together (it is a static
+      argument of the kernel, which traces it once per block): ``s [..., g, n]`` the scores
+      ``q . k / sqrt(D)`` of ``n`` listed rows for the list's ``g`` queries, ``row [..., 1,
+      n]`` the entries of ``rows`` at those rows, and ``P`` parameters ``[..., g, 1]``;
+      returns ``[..., g, n]``. Elementwise ``jnp``/``lax`` ops only (it runs in a kernel).
+    rows: ``float32 [B, Hkv, S]``, one value per cache row (e.g. a key norm).
+    params: ``float32 [B, lists, g, P]``, ``P`` values per query.
+  """
+
+  fn: Callable
+  rows: jax.Array
+  params: jax.Array
+
+
+def _apply(weights: ScoreWeights, scores, row, params):
+  """``weights.fn`` on scores ``[..., g, n]``, rows ``[..., n]``, params ``[..., g, P]``."""
+  return weights.fn(scores, row[..., None, :],
+                    *(params[..., p:p + 1] for p in range(params.shape[-1])))
 
 
 def _layout(q, keys, indices):
@@ -135,12 +165,14 @@ def _walk(q, keys, indices, count, block, step, init_fn):
   return jax.lax.fori_loop(0, steps, body, init_fn(batch, num_kv, ratio, group, padded))
 
 
-def _per_list(log_weights, ids, scores):
-  """Calls a ``log_weights`` function on one block, in the lists' layout."""
-  batch, num_kv, ratio, group, block = scores.shape
-  lw = log_weights(scores.reshape(batch, num_kv * ratio, group, block),
-                   ids.reshape(batch, num_kv * ratio, block))
-  return lw.astype(jnp.float32).reshape(batch, num_kv, ratio, 1, block)
+def _block_weights(weights: ScoreWeights, ids, scores):
+  """``weights`` on one block, in the walk's layout: ``ids [B, Hkv, r, n]``, ``scores
+  [B, Hkv, r, g, n]`` -> ``[B, Hkv, r, g, n]``."""
+  batch, num_kv, ratio, group, _ = scores.shape
+  row = jnp.take_along_axis(weights.rows.astype(jnp.float32), ids.reshape(batch, num_kv, -1),
+                            axis=-1, mode="promise_in_bounds").reshape(ids.shape)
+  params = weights.params.astype(jnp.float32).reshape(batch, num_kv, ratio, group, -1)
+  return _apply(weights, scores, row, params)
 
 
 def sparse_decode_attention_reference(q, keys, values, indices, log_weights, count,
@@ -153,10 +185,8 @@ def sparse_decode_attention_reference(q, keys, values, indices, log_weights, cou
     indices: ``int32 [B, Hkv, N]`` (one list per KV head, shared by its group) or
       ``int32 [B, Hq, N]`` (one list per query head); entries in ``[0, S)``.
     log_weights: ``float32`` like ``indices``, subtracted from the scores; or None for 0;
-      or a function ``(scores [B, lists, g, n], positions [B, lists, n]) -> [B, lists, n]``
-      of the scores ``q.k / sqrt(D)`` of a block of ``n`` listed rows (``g`` queries per
-      list), for weights that depend on the scores (MagicPIG's): each block's keys are then
-      read once, for the weights and the attention together.
+      or a ``ScoreWeights``, for weights that depend on the scores (MagicPIG's): each
+      block's keys are then read once, for the weights and the attention together.
     count: ``int32 [B, Hkv or Hq]``: entries ``[0, count)`` of each list are valid.
     block: rows gathered per loop step. Only ``ceil(max(count) / block)`` steps run, and no
       ``[N, D]`` array of gathered rows is ever materialised.
@@ -167,13 +197,13 @@ def sparse_decode_attention_reference(q, keys, values, indices, log_weights, cou
   _layout(q, keys, indices)  # validates the shapes first
   batch, num_q, head_dim = q.shape
   n = indices.shape[2]
-  if log_weights is not None and not callable(log_weights):
+  if log_weights is not None and not isinstance(log_weights, ScoreWeights):
     padded = jnp.pad(log_weights.astype(jnp.float32), [(0, 0), (0, 0), (0, -n % block)])
     table = padded.reshape(indices.shape[0], keys.shape[1], -1, padded.shape[-1])
 
   def step(carry, i, ids, scores, valid, rows):
-    if callable(log_weights):
-      scores = scores - _per_list(log_weights, ids, scores)
+    if isinstance(log_weights, ScoreWeights):
+      scores = scores - _block_weights(log_weights, ids, scores)
     elif log_weights is not None:
       scores = scores - jax.lax.dynamic_slice_in_dim(table, i * block, block, axis=3)[
           :, :, :, None]
@@ -189,14 +219,16 @@ def sparse_decode_attention_reference(q, keys, values, indices, log_weights, cou
   return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
 
 
-def listed_log_weights(log_weights, q, keys, indices, count, block: int = 128):
-  """A ``log_weights`` function evaluated on every valid listed row: ``float32 [B, lists,
-  N]`` (0 past ``count``), for the kernel, which takes arrays. Reads the listed keys once."""
+def listed_log_weights(weights: ScoreWeights, q, keys, indices, count, block: int = 128):
+  """``ScoreWeights`` evaluated on every valid listed row: ``float32 [B, lists, N]`` (0 past
+  ``count``), for the TPU kernel, which takes arrays (one weight per entry: a list per
+  query head, or weights the same for a list's queries). Reads the listed keys once."""
   n = indices.shape[2]
 
   def step(table, i, ids, scores, valid, rows):
     del rows
-    lw = jnp.where(valid[:, :, :, 0], _per_list(log_weights, ids, scores)[:, :, :, 0], 0.0)
+    lw = _block_weights(weights, ids, scores)[:, :, :, :1]  # the list's first query
+    lw = jnp.where(valid[:, :, :, 0], lw[:, :, :, 0], 0.0)
     return jax.lax.dynamic_update_slice_in_dim(table, lw, i * block, axis=3)
 
   def init(batch, num_kv, ratio, group, padded):
@@ -206,11 +238,17 @@ def listed_log_weights(log_weights, q, keys, indices, count, block: int = 128):
   return table.reshape(indices.shape[0], indices.shape[1], -1)[..., :n]
 
 
-def _kernel(count_ref, idx_ref, lw_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, split,
-            scale):
+def _kernel(count_ref, idx_ref, lw_ref, q_ref, k_ref, v_ref, *refs, block, split, scale,
+            weight_fn):
   # count_ref: [1, 1] int32; idx_ref, lw_ref: [1, 1, split]; q_ref: [1, 1, G, D]
   # k_ref, v_ref: [1, 1, S, D] (rows are gathered, never copied whole)
+  # with ``weight_fn``: rows_ref [1, 1, S] float32 (gathered), params_ref [1, 1, G, P]
   # o_ref: [1, 1, 1, G, D] float32; lse_ref: [1, 1, 1, G] float32
+  if weight_fn is None:
+    o_ref, lse_ref = refs
+  else:
+    rows_ref, params_ref, o_ref, lse_ref = refs
+    params = [params_ref[0, 0, :, p][:, None] for p in range(params_ref.shape[-1])]
   begin = pl.program_id(2) * split
   n_valid = jnp.clip(count_ref[0, 0] - begin, 0, split)
   q = q_ref[0, 0].astype(jnp.float32) * scale  # [G, D]
@@ -221,7 +259,10 @@ def _kernel(count_ref, idx_ref, lw_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     k = k_ref[0, 0, ids, :].astype(jnp.float32)  # [block, D]
     v = v_ref[0, 0, ids, :].astype(jnp.float32)
     s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)  # [G, block]
-    s = s - lw_ref[0, 0, pl.ds(i * block, block)][None, :]
+    if weight_fn is None:
+      s = s - lw_ref[0, 0, pl.ds(i * block, block)][None, :]
+    else:
+      s = s - weight_fn(s, rows_ref[0, 0, ids][None, :], *params)
     valid = (i * block + jnp.arange(block, dtype=jnp.int32))[None, :] < n_valid
     # Elementwise products, not dots: G may be below the 16 rows a GPU dot needs.
     return _online_step(carry, s, valid, lambda p: jnp.sum(p[:, :, None] * v[None], axis=1))
@@ -233,14 +274,26 @@ def _kernel(count_ref, idx_ref, lw_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
   lse_ref[0, 0, 0] = lse
 
 
-@functools.partial(jax.jit, static_argnames=["block_sizes", "interpret"])
 def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
                                    block_sizes: BlockSizes = BlockSizes(),
                                    interpret: bool | None = None):
   """The Pallas kernel: grid over (batch, list, split); same contract as the reference. On a
   TPU, or with ``interpret`` a ``pltpu.InterpretParams``, the Mosaic variant
   (``sparse_decode_attention_tpu``: rows fetched by DMA) runs instead of the gathering body,
-  with its own block sizes (``sparse_decode_attention_tpu.resolve``)."""
+  with its own block sizes (``sparse_decode_attention_tpu.resolve``); ``ScoreWeights`` are
+  then evaluated up front (``listed_log_weights``), in the GPU body inside the pass."""
+  fused = isinstance(log_weights, ScoreWeights)
+  if fused and backend.mosaic_layout(interpret):
+    log_weights, fused = listed_log_weights(log_weights, q, keys, indices, count), False
+  weight_fn, extra = (log_weights.fn, (log_weights.rows, log_weights.params)) if fused else (
+      None, ())
+  return _kernel_call(q, keys, values, indices, None if fused else log_weights, count, *extra,
+                      block_sizes=block_sizes, interpret=interpret, weight_fn=weight_fn)
+
+
+@functools.partial(jax.jit, static_argnames=["block_sizes", "interpret", "weight_fn"])
+def _kernel_call(q, keys, values, indices, log_weights, count, *weight_arrays, block_sizes,
+                 interpret, weight_fn):
   ratio, group = _layout(q, keys, indices)
   batch, num_q, head_dim = q.shape
   num_lists, n = indices.shape[1], indices.shape[2]
@@ -265,8 +318,17 @@ def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
         interpret=interpret)
     out, lse = merge_splits(out, lse)
     return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
+  weight_specs = []
+  if weight_fn is not None:
+    rows, params = weight_arrays
+    weight_arrays = (rows.astype(jnp.float32),
+                     params.astype(jnp.float32).reshape(batch, num_lists, group, -1))
+    weight_specs = [pl.BlockSpec((1, 1, capacity), lambda b, h, p: (b, h // ratio, 0)),
+                    pl.BlockSpec((1, 1, group, weight_arrays[1].shape[-1]),
+                                 lambda b, h, p: (b, h, 0, 0))]
   out, lse = backend.pallas_call(
-      functools.partial(_kernel, block=block, split=split, scale=1.0 / math.sqrt(head_dim)),
+      functools.partial(_kernel, block=block, split=split, scale=1.0 / math.sqrt(head_dim),
+                        weight_fn=weight_fn),
       out_shape=(jax.ShapeDtypeStruct((batch, num_lists, num_splits, group, head_dim),
                                       jnp.float32),
                  jax.ShapeDtypeStruct((batch, num_lists, num_splits, group), jnp.float32)),
@@ -276,21 +338,19 @@ def sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count,
                 pl.BlockSpec((1, 1, split), lambda b, h, p: (b, h, p)),
                 pl.BlockSpec((1, 1, group, head_dim), lambda b, h, p: (b, h, 0, 0)),
                 pl.BlockSpec((1, 1, capacity, head_dim), lambda b, h, p: (b, h // ratio, 0, 0)),
-                pl.BlockSpec((1, 1, capacity, head_dim), lambda b, h, p: (b, h // ratio, 0, 0))],
+                pl.BlockSpec((1, 1, capacity, head_dim), lambda b, h, p: (b, h // ratio, 0, 0)),
+                *weight_specs],
       out_specs=(pl.BlockSpec((1, 1, 1, group, head_dim), lambda b, h, p: (b, h, p, 0, 0)),
                  pl.BlockSpec((1, 1, 1, group), lambda b, h, p: (b, h, p, 0))),
       interpret=interpret, name="sparse_decode_attention")(
           count.astype(jnp.int32), indices, log_weights,
-          q.reshape(batch, num_lists, group, head_dim), keys, values)
+          q.reshape(batch, num_lists, group, head_dim), keys, values, *weight_arrays)
   out, lse = merge_splits(out, lse)
   return out.reshape(batch, num_q, head_dim), lse.reshape(batch, num_q)
 
 
 def sparse_decode_attention(q, keys, values, indices, log_weights, count):
-  """With the kernel where ``backend.use_kernels()``, else the reference. A ``log_weights``
-  function is evaluated per block by the reference, and up front for the kernel."""
+  """With the kernel where ``backend.use_kernels()``, else the reference."""
   if backend.use_kernels():
-    if callable(log_weights):
-      log_weights = listed_log_weights(log_weights, q, keys, indices, count)
     return sparse_decode_attention_kernel(q, keys, values, indices, log_weights, count)
   return sparse_decode_attention_reference(q, keys, values, indices, log_weights, count)

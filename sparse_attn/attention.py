@@ -75,8 +75,9 @@ def attend_rows(q: jax.Array, cache: KVCache, positions: jax.Array, count: jax.A
       ``[B, Hkv, G, N]`` (one list per query head); entries in ``[0, S)``.
     count: ``int [B, Hkv]`` or ``[B, Hkv, G]``: entries ``[0, count)`` are valid.
     log_weights: like ``positions``, subtracted from the scores (importance weights
-      ``1/w`` enter as ``log w``); None for none; or a function of each block's scores
-      (see ``sparse_decode_attention_reference``).
+      ``1/w`` enter as ``log w``); None for none; or a ``ScoreWeights`` (weights computed
+      from each listed key's score in the same pass; its ``params`` per query head,
+      ``[B, Hq, P]``).
 
   Returns:
     ``(out float32 [B, Hkv, G, D], lse float32 [B, Hkv, G])``, as ``softmax_attend``.
@@ -84,7 +85,11 @@ def attend_rows(q: jax.Array, cache: KVCache, positions: jax.Array, count: jax.A
   batch, num_q, head_dim = q.shape
   num_kv = cache.keys.shape[1]
   lists = positions.shape[0], -1, positions.shape[-1]
-  if log_weights is not None and not callable(log_weights):
+  if isinstance(log_weights, sparse_decode_attention.ScoreWeights):
+    num_lists = math.prod(positions.shape[1:-1])
+    log_weights = log_weights._replace(params=log_weights.params.reshape(
+        batch, num_lists, num_q // num_lists, log_weights.params.shape[-1]))
+  elif log_weights is not None:
     log_weights = log_weights.reshape(lists)
   out, lse = sparse_decode_attention.sparse_decode_attention(
       q, cache.keys, cache.values, positions.reshape(lists), log_weights,

@@ -14,9 +14,22 @@ whose numerator and denominator are unbiased over the random planes (Horvitz-Tho
 then self-normalised. Centring by the mean key :math:`\bar k` of the prefill residual shifts
 every score by the same ``q . k_bar`` (the softmax is unchanged) and spreads the keys' angles.
 
-Retrieval reads only the query's ``L`` buckets (``hash_tables``). Tokens appended after the
-tables were built sit in a *tail* of at most ``tail`` tokens that is scanned directly; the
-tables are rebuilt (from stored codes, no rehashing) when the tail is full.
+Codes are stored packed, ``K L`` bits per token and KV head (``table_match_counts``).
+Retrieval, as ``retrieval`` (or ``backend.magicpig_retrieval``) says:
+
+* ``"tables"`` (the CPU's): reads only the query's ``L`` buckets (``hash_tables``). Tokens
+  appended after the tables were built sit in a *tail* of at most ``tail`` tokens that is
+  scanned directly; the tables are rebuilt (from stored codes, no rehashing) when the tail
+  is full.
+* ``"scan"`` (accelerators'): no tables; one pass over every stored code counts each
+  token's matching tables (``table_match_counts``, capped at ``min_collisions``), the
+  qualifying tokens are listed without a sort (``selection.compact_at_least``) and attended
+  with their weights computed inside the attention pass from each key's score
+  (``ScoreWeights``): every sampled key is read once. Sorts and scatters suit a GPU badly;
+  a scan reads 188 bytes per token for ``K=10, L=150``, against 512 for a bf16 key and
+  value at ``D = 128``.
+
+Both give the same sample: the same tokens collide in the same tables.
 
 Static buffers, and what happens when they are too small (never a silent bias). By default
 ``init`` sizes both from the prefill (``_src/magicpig_buffers``: the prefill's keys stand in
@@ -44,6 +57,7 @@ sampled or not (recorded when it is hashed, ``first_nonfinite``: no pass over th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -51,7 +65,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.table_match_counts import table_match_counts
+from pallas_kernels import backend
+from pallas_kernels import table_match_counts as tmc
+from pallas_kernels.sparse_decode_attention import ScoreWeights
 from sparse_attn import lsh
 from sparse_attn._src import hash_tables, key_index, magicpig_buffers, selection
 from sparse_attn.attention import HIGHEST, attend_rows, combine_lse, group_queries
@@ -68,12 +84,12 @@ class MagicPigIndex(NamedTuple):
     planes: ``float32 [D, K*L]`` (or ``[Hkv, D, K*L]`` with ``planes_per_head``).
     key_mean: ``float32 [B, Hkv, D]``, mean of the prefill residual keys (zeros if not
       centring).
-    codes: ``uint16 [B, Hkv, S, L]`` codes of the centred keys (uint16 halves the
-      memory; ``K <= 16`` is required by the tables anyway).
+    codes: ``uint32 [B, Hkv, S, ceil(K L / 32)]`` codes of the centred keys, packed
+      (``table_match_counts.pack_codes``).
     key_norms: ``float32 [B, Hkv, S]``, ``||k_i - k_bar||``, so that ``attend`` gets the
       exact cosine from the score alone, without a second pass over the gathered keys.
     tables: ``HashTables`` with leading shape ``[B, Hkv]``, covering tokens
-      ``[sinks, table_length)``.
+      ``[sinks, table_length)``; None where retrieval scans every code.
     table_length: ``int32 [B]``, tokens covered by the tables.
     length: ``int32 [B]``, tokens whose codes are in ``codes``.
     first_nonfinite: ``int32 [B, Hkv]``, the first hashed token whose key has a NaN or inf
@@ -100,7 +116,8 @@ class MagicPigIndex(NamedTuple):
 def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
              local: int = 64, center_keys: bool = True, planes_per_head: bool = False,
              max_selected: float | None = None, max_candidates: float | None = None,
-             tail: int = 1024, append_chunk: int = 16) -> Estimator:
+             tail: int = 1024, append_chunk: int = 16,
+             retrieval: str | None = None) -> Estimator:
   """MagicPIG estimator (LSH sampling with importance weights).
 
   Args:
@@ -122,6 +139,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     tail: tokens appended since the last table build that are scanned directly; the
       tables are rebuilt when more are pending.
     append_chunk: tokens hashed per step of ``append``'s loop.
+    retrieval: ``"tables"`` (bucketed tables and a scanned tail) or ``"scan"`` (a scan of
+      every code, no tables); None: ``backend.magicpig_retrieval()`` when ``init`` runs
+      (tables on a CPU, the scan on accelerators). The same sample either way.
 
   Under a traced ``init`` (inside the caller's ``jit``), or with fewer than 256 residual
   tokens in every row, the default sizes are ``2 w(0) + 1/64`` of ``S`` sampled tokens
@@ -153,6 +173,9 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
   for name, value in (("tail", tail), ("append_chunk", append_chunk)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if retrieval not in (None, "tables", "scan"):
+    raise ValueError(f"retrieval must be 'tables', 'scan' or None, got {retrieval!r}")
+  log_inclusion = LogInclusion(K, L, min_collisions)
 
   def hash_queries(x, index_planes):
     """``x [B, Hkv, ..., D] -> uint32 [B, Hkv, ..., L]``."""
@@ -162,25 +185,34 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     return lsh.simhash(x, index_planes, K, L)
 
   def hash_keys(keys, index_planes, key_mean):
-    """``keys [B, Hkv, N, D] -> (codes uint16 [B, Hkv, N, L], norms [B, Hkv, N])``."""
+    """``keys [B, Hkv, N, D] -> (packed codes uint32 [B, Hkv, N, W], norms [B, Hkv, N])``."""
     centred = keys.astype(jnp.float32) - key_mean[:, :, None, :]
-    codes = hash_queries(centred, index_planes).astype(jnp.uint16)
+    codes = tmc.pack_codes(hash_queries(centred, index_planes), K)
     return codes, jnp.linalg.norm(centred, axis=-1)
 
   def build(codes, length):
     positions = jnp.arange(codes.shape[2], dtype=jnp.int32)
     include = (positions[None, :] >= sinks) & (positions[None, :] < length[:, None])
     include = jnp.broadcast_to(include[:, None, :], codes.shape[:3])
-    return hash_tables.build_tables(codes, include, K)
+    return hash_tables.build_tables(tmc.unpack_codes(codes, K, L), include, K)
+
+  def match_counts(q_codes, codes, length):
+    """``q_codes uint [B, Hkv, G, L]``, packed ``codes [B, Hkv, T, W]`` -> matching tables,
+    capped at ``min_collisions`` (all the sample asks), ``int8 [B, Hkv, G, T]``."""
+    batch, num_kv_heads, group = q_codes.shape[:3]
+    words = tmc.pack_codes(q_codes, K).reshape(batch, num_kv_heads * group, -1)
+    return tmc.table_match_counts(words, codes, length, K, L, min_collisions).reshape(
+        batch, num_kv_heads, group, -1)
 
   def init(cache: KVCache, key: jax.Array | None = None) -> MagicPigIndex:
     check_cache(cache)
     check_key(key, purpose="magicpig's init draws its hash planes from it")
-    index = _init(cache, key)
+    index = _init(cache, key, (retrieval or backend.magicpig_retrieval()) == "tables")
     if subsample and max_candidates is not None:
       return index
     return index._replace(buffers=buffers(cache.keys.shape[2], magicpig_buffers.from_prefill(
-        index, cache, hash_queries, sinks, local, min_collisions, index.buffers)))
+        index, cache, hash_queries, match_counts, sinks, local, min_collisions,
+        index.buffers)))
 
   def buffers(capacity, defaults):
     """The explicit sizes, and ``defaults``' where none is given (the one rule for init's
@@ -190,8 +222,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         defaults.candidates if max_candidates is None else tokens(max_candidates),
         tokens(max_selected) if subsample else defaults.selected)
 
-  @jax.jit
-  def _init(cache, key):
+  @functools.partial(jax.jit, static_argnums=2)
+  def _init(cache, key, with_tables):
     cache, _ = within_capacity(cache)
     keys, _, length = cache
     batch, num_kv_heads, capacity, head_dim = keys.shape
@@ -202,12 +234,13 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
       key_mean = jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
     # Chunk by chunk: all keys at once would hold a [B, Hkv, S, K*L] float32 projection
     # (25 GB at B=8, 64K tokens, K*L=1500).
-    empty = (jnp.zeros((batch, num_kv_heads, capacity, L), jnp.uint16),
+    empty = (jnp.zeros((batch, num_kv_heads, capacity, tmc.code_words(K, L)), jnp.uint32),
              jnp.zeros((batch, num_kv_heads, capacity), jnp.float32))
     (codes, norms), first = key_index.derive_all(
         empty, cache, lambda rows: hash_keys(rows, index_planes, key_mean), K * L + head_dim)
     subsample_key = jax.random.key_data(jax.random.fold_in(key, 1))
-    return MagicPigIndex(index_planes, key_mean, codes, norms, build(codes, length), length,
+    tables = build(codes, length) if with_tables else None
+    return MagicPigIndex(index_planes, key_mean, codes, norms, tables, length,
                          length, first, subsample_key,
                          buffers(capacity, magicpig_buffers.formula(K, L, min_collisions,
                                                                     capacity)))
@@ -228,6 +261,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         lambda rows: hash_keys(rows, index.planes, index.key_mean), append_chunk,
         index.first_nonfinite)
     index = index._replace(codes=codes, key_norms=norms, length=length, first_nonfinite=first)
+    if index.tables is None:  # retrieval scans every code: nothing to rebuild
+      return index._replace(table_length=length)
     # The tail scan covers at most `tail` tokens past the tables: rebuild when more wait.
     # One `cond` for the whole batch (under vmap it would run the sort every step).
     pending = index.length - index.table_length
@@ -244,9 +279,10 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     with donated_index_hint():
       return _attend(q, cache, index, key)
 
-  def collided(q_codes, index, hashed, length, num_candidates, tail_size):
-    """``bool [B, Hkv, G, S]``: the residual tokens of at least ``min_collisions`` tables,
-    and the bucket entries that did not fit the candidate buffer ``[B, Hkv, G]``.
+  def collided(q_codes, index, hashed, num_candidates, tail_size):
+    """``int8 [B, Hkv, G, S]``: each token's colliding tables, capped at ``min_collisions``
+    (-1 where not hashed), and the bucket entries that did not fit the candidate buffer
+    ``[B, Hkv, G]``.
 
     From the tables (plus a scan of the tail appended since their build) when every query's
     buckets fit; else, for the whole batch, from a scan of every stored code: the same
@@ -257,9 +293,8 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     lookup = jax.vmap(jax.vmap(lookup, in_axes=(0, 0, None)), in_axes=(0, 0, None))
     ids, valid, dropped = lookup(index.tables, q_codes, num_candidates)
 
-    def scan(codes, length):  # [B, Hkv, T, L], [B] -> int32 [B, Hkv, G, T]
-      return table_match_counts(q_codes.reshape(batch, num_kv_heads * group, L), codes,
-                                length).reshape(batch, num_kv_heads, group, -1)
+    def scan(codes, length):  # [B, Hkv, T, W], [B] -> int8 [B, Hkv, G, T]
+      return match_counts(q_codes, codes, length)
 
     def from_tables():
       counts = hash_tables.collision_counts(
@@ -275,53 +310,42 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
       tail_counts = jnp.where(tail_new[:, None, None, :], tail_counts, 0).astype(counts.dtype)
       add_tail = jax.vmap(lambda c, t, s: jax.lax.dynamic_update_slice_in_dim(
           c, jax.lax.dynamic_slice_in_dim(c, s, tail_size, axis=-1) + t, s, axis=-1))
-      return add_tail(counts, tail_counts, start) >= min_collisions
+      counts = add_tail(counts, tail_counts, start)
+      return jnp.minimum(counts, min_collisions).astype(jnp.int8)
 
-    by_scan = lambda: scan(index.codes, hashed) >= min_collisions  # noqa: E731
-    hit = jax.lax.cond(jnp.any(dropped > 0), by_scan, from_tables)
-    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
-    return hit & residual_mask(positions, length, sinks, local), dropped
+    by_scan = lambda: scan(index.codes, hashed).astype(jnp.int8)  # noqa: E731
+    return jax.lax.cond(jnp.any(dropped > 0), by_scan, from_tables), dropped
 
-  def sampled_part(q, qg, cache, index, keep, qualified, size, subsample_key):
-    """Attention over the qualified tokens ``keep [B, Hkv, G, S]`` (``qualified [B, Hkv,
-    G]`` of them) in a list of ``size``, weighted by ``1 / w``: ``(out, lse, sampled tokens
-    [B, Hkv, G])``. More than ``size`` qualify only under an explicit ``max_selected``: a
-    second stage then subsamples them."""
+  def sampled_part(q, qg, cache, index, counts, keep, qualified, size, subsample_key):
+    """Attention over the qualified tokens ``keep [B, Hkv, G, S]`` (those whose ``counts``
+    reach ``min_collisions``; ``qualified [B, Hkv, G]`` of them) in a list of ``size``,
+    weighted by ``1 / w``: ``(out, lse, sampled tokens [B, Hkv, G])``. More than ``size``
+    qualify only under an explicit ``max_selected``: a second stage then subsamples them."""
     batch, num_kv_heads, capacity, head_dim = cache.keys.shape
 
-    def subsample(keep):
+    def subsample():
       # Two-stage Horvitz-Thompson: a uniform sample without replacement of `size` of the
       # qualified tokens (the lowest of iid uniform priorities), each then weighted by
       # qualified / size on top of 1 / w: unbiased given the first stage.
       u = jax.random.uniform(jax.random.wrap_key_data(subsample_key), keep.shape)
       return selection.top(-u, keep, size, size)
 
+    def listed():  # all of them (they fit)
+      return selection.compact_at_least(counts, min_collisions, cache.length, sinks, local,
+                                        size)
+
     # Only when the cap binds somewhere (the first `size` otherwise are all of them).
-    sel, sel_mask = jax.lax.cond(jnp.any(qualified > size), subsample,
-                                 lambda keep: selection.compact(keep, size)[:2], keep)
+    sel, sel_mask = jax.lax.cond(jnp.any(qualified > size), subsample, listed)
     second_stage = jnp.minimum(1.0, size / jnp.maximum(qualified, 1).astype(jnp.float32))
-    log_second_stage = jnp.log(second_stage).reshape(batch, -1, 1)  # [B, Hq, 1]
 
-    # Importance weights 1/w from the exact centred cosine of each selected key,
-    # q.(k - k_bar) = sqrt(D) s - q.k_bar with ||k - k_bar|| stored at hashing time,
-    # computed block by block from the scores of the rows being attended (each key is read
-    # once).
+    # Importance weights 1/w from the exact centred cosine of each selected key, computed in
+    # the attention pass from the score of each row it reads (each key is read once).
     q_mean = jnp.einsum("bhgd,bhd->bhg", qg, index.key_mean, precision=HIGHEST)
-    q_norm = jnp.linalg.norm(qg, axis=-1)
-
-    def log_w(scores, positions):  # [B, Hq, 1, n], [B, Hq, n] -> [B, Hq, n]
-      k_norms = jnp.take_along_axis(
-          index.key_norms, positions.reshape(batch, num_kv_heads, -1), axis=-1,
-          mode="promise_in_bounds").reshape(positions.shape)
-      norms = q_norm.reshape(batch, -1, 1) * k_norms
-      dots = scores[:, :, 0] * math.sqrt(head_dim) - q_mean.reshape(batch, -1, 1)
-      cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
-      log_first = jnp.log(jnp.maximum(lsh.collision_probability(cos, K, L, min_collisions),
-                                      1e-30))
-      return log_first + log_second_stage  # the inclusion probability of both stages
-
+    per_query = jnp.stack([jnp.linalg.norm(qg, axis=-1), q_mean, jnp.log(second_stage)], -1)
+    weights = ScoreWeights(dataclasses.replace(log_inclusion, head_dim=head_dim),
+                           index.key_norms, per_query.reshape(batch, -1, 3))
     count = jnp.sum(sel_mask, axis=-1, dtype=jnp.int32)
-    out_s, lse_s = attend_rows(q, cache, sel, count, log_w)
+    out_s, lse_s = attend_rows(q, cache, sel, count, weights)
     return out_s, lse_s, count.astype(jnp.float32)
 
   @jax.jit
@@ -336,10 +360,16 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
     qg = group_queries(q, num_kv_heads)  # [B, Hkv, G, D]
     q_codes = hash_queries(qg, index.planes)
     hashed = jnp.minimum(index.length, length)
-    keep, dropped = collided(q_codes, index, hashed, length, num_candidates, tail_size)
+    if index.tables is None:
+      counts = match_counts(q_codes, index.codes, hashed)
+      dropped = jnp.zeros(qg.shape[:3], jnp.int32)
+    else:
+      counts, dropped = collided(q_codes, index, hashed, num_candidates, tail_size)
+    positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+    keep = (counts >= min_collisions) & residual_mask(positions, length, sinks, local)
     qualified = jnp.sum(keep, axis=-1, dtype=jnp.int32)
     subsample_key = index.subsample_key if key is None else key
-    part = functools.partial(sampled_part, q, qg, cache, index, keep, qualified,
+    part = functools.partial(sampled_part, q, qg, cache, index, counts, keep, qualified,
                              subsample_key=subsample_key)
     if subsample:  # an explicit cap: a fixed cost, two stages when it binds
       out_s, lse_s, sampled = part(num_selected)
@@ -361,3 +391,24 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         unindexed=jnp.broadcast_to(unindexed[:, None, None], sampled.shape))
 
   return Estimator(init, append, attend)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogInclusion:
+  """``log w`` of a listed key from its score (a ``ScoreWeights`` function, traced inside
+  the attention kernel): the exact centred cosine ``q.(k - k_bar) / (|q| |k - k_bar|)``
+  from ``q.(k - k_bar) = sqrt(D) s - q.k_bar``, with ``|k - k_bar|`` stored at hashing
+  time, then ``lsh.collision_probability``; plus the second stage's log-probability (0 when
+  the list holds every qualified token)."""
+
+  K: int
+  L: int
+  min_collisions: int
+  head_dim: int = 0
+
+  def __call__(self, s, key_norm, q_norm, q_mean, log_second_stage):
+    norms = q_norm * key_norm
+    dots = s * math.sqrt(self.head_dim) - q_mean
+    cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
+    w = lsh.collision_probability(cos, self.K, self.L, self.min_collisions)
+    return jnp.log(jnp.maximum(w, 1e-30)) + log_second_stage

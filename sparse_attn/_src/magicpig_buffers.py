@@ -28,7 +28,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.table_match_counts import table_match_counts
 from sparse_attn import lsh
 from sparse_attn.streaming import residual_mask
 
@@ -67,23 +66,27 @@ def _tokens(fraction: float, capacity: int, most: int) -> int:
   return int(min(most, max(1, math.ceil(2.0 ** (rung / 4 - 8) * capacity))))
 
 
-def from_prefill(index, cache, hash_queries: Callable, sinks: int, local: int,
-                 min_collisions: int, fallback: Buffers) -> Buffers:
+def from_prefill(index, cache, hash_queries: Callable, match_counts: Callable, sinks: int,
+                 local: int, min_collisions: int, fallback: Buffers) -> Buffers:
   """The sizes the prefill's keys ask for (module docstring); ``fallback`` when ``cache``
-  is traced or no row has ``MIN_TOKENS`` residual tokens."""
-  if isinstance(cache.keys, jax.core.Tracer) or isinstance(cache.length, jax.core.Tracer):
+  or ``index`` is traced (e.g. ``init`` under ``jit`` with a traced key) or no row has
+  ``MIN_TOKENS`` residual tokens, and ``fallback``'s candidates where the index has no
+  tables (retrieval by a scan reads no buckets)."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((cache, index))):
     return fallback
-  entries, qualified = (float(x) for x in _need(index, cache, hash_queries, sinks, local,
-                                                min_collisions))
-  if entries < 0:  # no row to go by
+  entries, qualified = (float(x) for x in _need(index, cache, hash_queries, match_counts,
+                                                sinks, local, min_collisions))
+  if qualified < 0:  # no row to go by
     return fallback
-  capacity, num_tables = cache.keys.shape[2], index.codes.shape[-1]
-  return Buffers(candidates=_tokens(MARGIN * entries, capacity, num_tables * capacity),
-                 selected=_tokens(MARGIN * qualified, capacity, capacity))
+  capacity = cache.keys.shape[2]
+  candidates = fallback.candidates if index.tables is None else _tokens(
+      MARGIN * entries, capacity, index.tables.offsets.shape[-2] * capacity)  # L * S
+  return Buffers(candidates=candidates, selected=_tokens(MARGIN * qualified, capacity, capacity))
 
 
-@functools.partial(jax.jit, static_argnames=("hash_queries", "sinks", "local", "min_collisions"))
-def _need(index, cache, hash_queries, sinks, local, min_collisions):
+@functools.partial(jax.jit, static_argnames=("hash_queries", "match_counts", "sinks", "local",
+                                             "min_collisions"))
+def _need(index, cache, hash_queries, match_counts, sinks, local, min_collisions):
   """``(entries, qualified)``: the largest bucket entries and qualified tokens of a proxy
   query, as fractions of its row's tables and residual, ``-1`` if no row has
   ``MIN_TOKENS`` residual tokens."""
@@ -100,12 +103,14 @@ def _need(index, cache, hash_queries, sinks, local, min_collisions):
   codes = hash_queries(jnp.where(usable[..., None], proxies, 0.0), index.planes)
 
   # Bucket entries: the sizes of the proxy's L buckets, from the tables' offsets.
-  offsets = index.tables.offsets[:, :, None]  # [B, Hkv, 1, L, 2**K + 1]
-  c = codes.astype(jnp.int32)[..., None]
-  sizes = (jnp.take_along_axis(offsets, c + 1, axis=-1)
-           - jnp.take_along_axis(offsets, c, axis=-1))[..., 0]
-  in_tables = jnp.maximum(index.table_length - sinks, 1).astype(jnp.float32)
-  entries = jnp.sum(sizes, axis=-1).astype(jnp.float32) / in_tables[:, None, None]
+  entries = jnp.zeros(codes.shape[:3], jnp.float32)
+  if index.tables is not None:
+    offsets = index.tables.offsets[:, :, None]  # [B, Hkv, 1, L, 2**K + 1]
+    c = codes.astype(jnp.int32)[..., None]
+    sizes = (jnp.take_along_axis(offsets, c + 1, axis=-1)
+             - jnp.take_along_axis(offsets, c, axis=-1))[..., 0]
+    in_tables = jnp.maximum(index.table_length - sinks, 1).astype(jnp.float32)
+    entries = jnp.sum(sizes, axis=-1).astype(jnp.float32) / in_tables[:, None, None]
 
   # Qualified tokens: a scan of every code, one proxy at a time (all at once would hold
   # [B, Hkv * P, S] counts).
@@ -113,7 +118,7 @@ def _need(index, cache, hash_queries, sinks, local, min_collisions):
   residual = residual_mask(positions, hashed, sinks, local)  # [B, 1, S]
 
   def count(proxy_codes):  # [B, Hkv, L] -> [B, Hkv]
-    hits = table_match_counts(proxy_codes, index.codes, hashed) >= min_collisions
+    hits = match_counts(proxy_codes[:, :, None], index.codes, hashed)[:, :, 0] >= min_collisions
     return jnp.sum(hits & residual, axis=-1)
 
   qualified = jax.lax.map(count, jnp.moveaxis(codes, 2, 0))  # [P, B, Hkv]

@@ -195,6 +195,46 @@ def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int
   return positions.reshape(lead + (size,)), valid.reshape(lead + (size,))
 
 
+def compact_at_least(scores: jax.Array, minimum: int, length: jax.Array, sinks: int,
+                     local: int, size: int) -> tuple[jax.Array, jax.Array]:
+  """Every residual token (``sinks <= position < length - local``) whose integer score is
+  at least ``minimum``, ascending, in a list of ``size``: ``compact`` of that mask.
+
+  Where the kernels are used, without ``compact``'s dozen small passes: the marked tokens
+  are counted per block (one reduction), and each block writes its own to their slots
+  (``pallas_kernels.kept_positions`` with the threshold ``minimum - 1`` and no ties).
+
+  Args:
+    scores: integer ``[B, ..., S]`` (any width); length: ``int32 [B]``.
+    minimum, sinks, local, size: static.
+
+  Returns:
+    ``(positions int32 [B, ..., size], valid bool [B, ..., size])``; the marked tokens past
+    ``size`` are dropped (the caller counts them).
+  """
+  lead, capacity = scores.shape[:-1], scores.shape[-1]
+  positions = jnp.arange(capacity, dtype=jnp.int32).reshape((1,) * len(lead) + (capacity,))
+  length = length.reshape((-1,) + (1,) * len(lead))
+  marked = ((scores >= minimum) & (positions >= sinks) & (positions < length - local))
+  if not backend.use_kernels("kept_positions"):
+    return compact(marked, size)[:2]
+  flat = scores.reshape(lead[0], -1, capacity)
+  block = score_histogram.BlockSizes().block
+  blocks = -(-capacity // block)
+  per_block = jnp.sum(jnp.pad(marked.reshape(flat.shape), [(0, 0), (0, 0), (
+      0, blocks * block - capacity)]).reshape(flat.shape[:2] + (blocks, block)), axis=-1,
+                      dtype=jnp.int32)
+  rows = flat.shape[:2]
+  out = kept_positions.kept_positions_kernel(
+      flat, length.reshape(-1), jnp.full(rows, minimum - 1, jnp.int32),
+      jnp.zeros(rows, jnp.int32), jnp.zeros(rows + (blocks,), jnp.int32),
+      jnp.cumsum(per_block, axis=-1, dtype=jnp.int32) - per_block, sinks, local, size, block)
+  count = jnp.sum(per_block, axis=-1)
+  valid = jnp.arange(size, dtype=jnp.int32)[None, None, :] < count[..., None]
+  out = jnp.where(valid, out, 0)  # the contract's legal positions
+  return out.reshape(lead + (size,)), valid.reshape(lead + (size,))
+
+
 def prefers_counting() -> bool:
   """Whether small-integer scores should be thresholded by counting, not by bisection.
 

@@ -57,23 +57,49 @@ def test_backend_decides_interpret_and_kernel_use(monkeypatch):
   assert backend.use_kernels() == (jax.default_backend() in backend.VERIFIED)
 
 
-@pytest.mark.parametrize("group,tables,capacity,block,dtype", [
-    (4, 7, 300, 64, jnp.uint16), (3, 5, 97, 32, jnp.uint32), (1, 2, 40, 256, jnp.uint16)])
-def test_table_match_counts_kernel_equals_reference(group, tables, capacity, block, dtype):
+@pytest.mark.parametrize("group,K,tables,cap,capacity,block", [
+    (4, 3, 7, None, 300, 64), (3, 10, 15, 2, 97, 32), (1, 5, 13, None, 40, 256),
+    (2, 10, 150, None, 70, 64)])
+def test_table_match_counts_kernel_equals_reference(group, K, tables, cap, capacity, block):
   rng = np.random.default_rng(group)
-  num_kv, K = 2, 3  # 3-bit codes: plenty of matches
-  q = jnp.asarray(rng.integers(0, 2**K, size=(2, num_kv * group, tables)), jnp.uint32)
-  k = jnp.asarray(rng.integers(0, 2**K, size=(2, num_kv, capacity, tables)), dtype)
+  num_kv = 2
+  q_codes = rng.integers(0, 2**K, size=(2, num_kv * group, tables))
+  k_codes = rng.integers(0, 2**K, size=(2, num_kv, capacity, tables))
+  k_codes[0, 0, :5] = q_codes[0, 0]  # every table matches
+  k_codes[1, 1, 3, ::2] = q_codes[1, group, ::2]  # half of them do (fields across words)
+  q = tmc.pack_codes(jnp.asarray(q_codes, jnp.uint32), K)
+  k = tmc.pack_codes(jnp.asarray(k_codes, jnp.uint16), K)
+  assert k.shape[-1] == -(-K * tables // 32)
+  np.testing.assert_array_equal(np.asarray(tmc.unpack_codes(k, K, tables)), k_codes)
   length = jnp.array([capacity, capacity // 3], jnp.int32)
-  got = tmc.table_match_counts_kernel(q, k, length, tmc.BlockSizes(tokens=block),
+  got = tmc.table_match_counts_kernel(q, k, length, K, tables, cap, tmc.BlockSizes(tokens=block),
                                       interpret=True)
-  want = tmc.table_match_counts_reference(q, k, length)
+  want = tmc.table_match_counts_reference(q, k, length, K, tables, cap)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  # The reference against a numpy loop, independent of both.
-  qn, kn = np.asarray(q), np.asarray(k)
+  assert got.dtype == want.dtype == (jnp.int8 if (cap or tables) <= 127 else jnp.int16)
+  # The reference against a numpy loop on the unpacked codes, independent of both.
   for b in range(2):
     for h in range(num_kv * group):
       n = int(length[b])
-      expect = (kn[b, h // group, :n] == qn[b, h]).sum(-1)
-      np.testing.assert_array_equal(np.asarray(want)[b, h, :n], expect)
+      expect = (k_codes[b, h // group, :n] == q_codes[b, h]).sum(-1)
+      np.testing.assert_array_equal(np.asarray(want)[b, h, :n],
+                                    np.minimum(expect, cap or tables))
       assert (np.asarray(want)[b, h, n:] == -1).all()
+
+
+def test_packed_codes_hold_each_table_in_its_own_bits():
+  # Bit l*K + j of the packed string is bit j of table l's code (numpy, bit by bit).
+  rng = np.random.default_rng(0)
+  K, L = 10, 150
+  codes = rng.integers(0, 2**K, size=(3, L))
+  words = np.asarray(tmc.pack_codes(jnp.asarray(codes, jnp.uint16), K)).astype(np.uint64)
+  bits = ((words[..., :, None] >> np.arange(32, dtype=np.uint64)) & 1).reshape(3, -1)
+  want = (codes[..., :, None] >> np.arange(K)) & 1  # [3, L, K]
+  np.testing.assert_array_equal(bits[:, :K * L], want.reshape(3, -1))
+  assert not bits[:, K * L:].any() and words.shape[-1] == 47
+  with pytest.raises(ValueError, match="ceil"):
+    tmc.table_match_counts_reference(jnp.zeros((1, 2, 46), jnp.uint32),
+                                     jnp.zeros((1, 1, 8, 47), jnp.uint32),
+                                     jnp.array([8]), K, L)
+
+

@@ -82,31 +82,48 @@ def test_rejects_lists_that_match_no_head_count():
                                           count[:, :1])
 
 
+def tilted(s, row, a, c):
+  """A ``ScoreWeights`` function of the score, the row's value and two per-query values."""
+  return jnp.tanh(s) * a + c * row
+
+
 @pytest.mark.parametrize("per_query_head", [False, True])
-def test_log_weights_function_equals_its_materialised_array(per_query_head):
-  """Score-dependent weights (MagicPIG's): the reference applies the function per block; the
-  kernel path gets the same weights materialised up front by listed_log_weights."""
+def test_score_weights_are_computed_from_the_listed_rows(per_query_head):
+  """Score-dependent weights (MagicPIG's): the reference applies them per block, the GPU
+  kernel inside its pass, and listed_log_weights (the TPU's path) materialises them; all
+  equal float64 numpy, per query head (a shared list's queries have their own weights)."""
   q, keys, values, indices, _, count = problem(per_query_head, jnp.float32)
-
-  def log_w(scores, positions):  # depends on both the scores and the positions
-    return jnp.tanh(scores[:, :, 0]) + 0.01 * positions.astype(jnp.float32)
-
-  table = sda.listed_log_weights(log_w, q, keys, indices, count, block=64)
-  # The same weights computed directly, in numpy, from the listed keys.
-  qq, kk = np.asarray(q, np.float64), np.asarray(keys, np.float64)
-  lists, dim = indices.shape[1], q.shape[-1]
-  for b in range(2):
-    for lst in range(lists):
-      n = int(count[b, lst])
-      ids = np.asarray(indices[b, lst, :n])
-      head = lst * q.shape[1] // lists  # the first query head of the list
-      s = kk[b, lst * keys.shape[1] // lists, ids] @ qq[b, head] / np.sqrt(dim)
-      np.testing.assert_allclose(np.asarray(table[b, lst, :n]), np.tanh(s) + 0.01 * ids,
-                                 rtol=1e-5, atol=1e-5)
-      assert np.all(np.asarray(table[b, lst, n:]) == 0)
-  got = sda.sparse_decode_attention_reference(q, keys, values, indices, log_w, count, block=64)
-  want = numpy_attention(q, keys, values, indices, table, count)
-  np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=2e-5, atol=2e-5)
-  kernel = sda.sparse_decode_attention_kernel(q, keys, values, indices, table, count,
-                                              interpret=True)
-  np.testing.assert_allclose(np.asarray(kernel[0]), want[0], rtol=2e-5, atol=2e-5)
+  rng = np.random.default_rng(5)
+  batch, num_q, dim = q.shape
+  num_kv, lists = keys.shape[1], indices.shape[1]
+  rows = rng.normal(size=keys.shape[:3])
+  params = rng.normal(size=(batch, lists, num_q // lists, 2))
+  weights = sda.ScoreWeights(tilted, jnp.asarray(rows, jnp.float32),
+                             jnp.asarray(params, jnp.float32))
+  qq, kk, vv = (np.asarray(x, np.float64) for x in (q, keys, values))
+  want_out, want_lw = np.zeros((batch, num_q, dim)), {}
+  for b in range(batch):
+    for h in range(num_q):
+      lst, g = divmod(h, num_q // lists)
+      kv = lst * num_kv // lists
+      ids = np.asarray(indices[b, lst, :count[b, lst]])
+      s = kk[b, kv, ids] @ qq[b, h] / np.sqrt(dim)
+      a, c = params[b, lst, g]
+      want_lw[b, h] = np.tanh(s) * a + c * rows[b, kv, ids]
+      if ids.size:
+        e = np.exp(s - want_lw[b, h] - (s - want_lw[b, h]).max())
+        want_out[b, h] = e @ vv[b, kv, ids] / e.sum()
+  got = sda.sparse_decode_attention_reference(q, keys, values, indices, weights, count, block=64)
+  kernel = sda.sparse_decode_attention_kernel(
+      q, keys, values, indices, weights, count, block_sizes=sda.BlockSizes(block=32, split=96),
+      interpret=True)
+  for out, _ in (got, kernel):
+    np.testing.assert_allclose(np.asarray(out), want_out, rtol=2e-5, atol=2e-5)
+  if per_query_head:
+    table = sda.listed_log_weights(weights, q, keys, indices, count, block=64)
+    for b in range(batch):
+      for h in range(num_q):
+        n = int(count[b, h])
+        np.testing.assert_allclose(np.asarray(table[b, h, :n]), want_lw[b, h], rtol=1e-5,
+                                   atol=1e-5)
+        assert np.all(np.asarray(table[b, h, n:]) == 0)

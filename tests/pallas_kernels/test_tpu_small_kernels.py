@@ -109,23 +109,27 @@ def test_pack_signs_interprets_on_tpu(as_tpu, shape, dtype):
 
 @pytest.mark.parametrize("num_kv,group,tables,capacity", [(1, 4, 3, 300), (2, 4, 150, 1000)])
 def test_table_match_counts_lowers_for_tpu(as_tpu, num_kv, group, tables, capacity):
-  q = jnp.zeros((2, num_kv * group, tables), jnp.uint32)
-  k = jnp.zeros((2, num_kv, capacity, tables), jnp.uint16)  # MagicPIG: L = 150 tables
-  mosaic_module(lambda q, k, n: tmc.table_match_counts_kernel(q, k, n, tmc.BlockSizes(128)),
+  words = tmc.code_words(10, tables)  # MagicPIG: K = 10, L = 150 tables
+  q = jnp.zeros((2, num_kv * group, words), jnp.uint32)
+  k = jnp.zeros((2, num_kv, capacity, words), jnp.uint32)
+  mosaic_module(lambda q, k, n: tmc.table_match_counts_kernel(q, k, n, 10, tables, 2,
+                                                              tmc.BlockSizes(128)),
                 q, k, jnp.array([capacity, 17], jnp.int32))
 
 
-@pytest.mark.parametrize("group,tables,capacity,block,dtype", [
-    (4, 7, 300, 128, jnp.uint16), (3, 5, 97, 32, jnp.uint32)])
-def test_table_match_counts_interprets_on_tpu(as_tpu, group, tables, capacity, block, dtype):
+@pytest.mark.parametrize("group,K,tables,capacity,block", [
+    (4, 3, 7, 300, 128), (3, 10, 15, 97, 32)])
+def test_table_match_counts_interprets_on_tpu(as_tpu, group, K, tables, capacity, block):
   rng = np.random.default_rng(group)
   num_kv = 2
-  q = jnp.asarray(rng.integers(0, 8, size=(2, num_kv * group, tables)), jnp.uint32)
-  k = jnp.asarray(rng.integers(0, 8, size=(2, num_kv, capacity, tables)), dtype)
+  q = jnp.asarray(rng.integers(0, 2**K, size=(2, num_kv * group, tables)), jnp.uint32)
+  k = jnp.asarray(rng.integers(0, 2**K, size=(2, num_kv, capacity, tables)), jnp.uint32)
+  k = k.at[0, 0, :9].set(q[0, 0])
+  q, k = tmc.pack_codes(q, K), tmc.pack_codes(k, K)
   length = jnp.array([capacity, capacity // 3], jnp.int32)
-  got = tmc.table_match_counts_kernel(q, k, length, tmc.BlockSizes(tokens=block),
-                                      interpret=INTERPRET)
-  want = tmc.table_match_counts_reference(q, k, length)
+  got = tmc.table_match_counts_kernel(q, k, length, K, tables, None,
+                                      tmc.BlockSizes(tokens=block), interpret=INTERPRET)
+  want = tmc.table_match_counts_reference(q, k, length, K, tables)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

@@ -63,10 +63,10 @@ def test_hamming_scores_lowers_without_ctpop_and_masks_the_edge(as_gpu, capsys):
 
 
 def test_table_match_counts_masks_the_edge(as_gpu, capsys):
-  q = jnp.zeros((1, 4, 3), jnp.uint32)
-  k = jnp.zeros((1, 1, 300, 3), jnp.uint16)
+  q = jnp.zeros((1, 4, 3), jnp.uint32)  # K = 10, L = 9: 3 words, tables 3 and 6 straddle
+  k = jnp.zeros((1, 1, 300, 3), jnp.uint32)
   text = triton_module(capsys, lambda q, k, n: tmc.table_match_counts_kernel(
-      q, k, n, tmc.BlockSizes(tokens=128)), q, k, jnp.array([300], jnp.int32))
+      q, k, n, 10, 9, 2, tmc.BlockSizes(tokens=128)), q, k, jnp.array([300], jnp.int32))
   assert masked(text, "tt.load") >= 3 and masked(text, "tt.store") == 4
 
 
@@ -108,3 +108,26 @@ def test_kept_positions_lowers_to_a_prefix_sum_and_a_scattered_store(as_gpu, cap
       jnp.zeros((1, 2, 1000), jnp.int32), jnp.array([1000], jnp.int32),
       jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), blocks, blocks)
   assert "tt.scan" in text and "tt.store" in text
+
+
+def test_magicpig_scan_step_lowers_with_its_kernels(as_gpu, capsys, monkeypatch):
+  # The whole decode step (append + attend) of MagicPIG's GPU path: the packed-code scan,
+  # the kept-positions compaction and the attention pass computing 1/w from each key's
+  # score (arccos of the cosine, then the binomial tail: no second read of the keys).
+  import sparse_attn as sa
+  monkeypatch.setenv("SPARSE_ATTN_PALLAS", "1")
+  est = sa.magicpig(K=10, L=150)
+  q, cache = sa.synthetic.llm_like(jax.random.PRNGKey(0), batch=2, num_kv_heads=2, group=4,
+                                   capacity=1000, head_dim=128, dtype=jnp.bfloat16,
+                                   length=jnp.array([900, 333], jnp.int32))
+  index = jax.eval_shape(est.init, cache, jax.random.PRNGKey(1))
+  assert index.tables is None  # backend.magicpig_retrieval() on a GPU: the scan
+
+  def step(q, cache, index):
+    grown = cache._replace(length=cache.length + 1)
+    return est.attend(q, grown, est.append(index, grown)).out
+
+  text = triton_module(capsys, step, q, cache, index)
+  for name in ("table_match_counts", "kept_positions", "sparse_decode_attention"):
+    assert name in text, name
+  assert "acos" in text  # the weights are computed inside the attention kernel

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sparse_attn as sa
+from pallas_kernels.table_match_counts import unpack_codes
 from sparse_attn import lsh, synthetic
 from tests import reference as ref
 
@@ -21,7 +22,7 @@ def magicpig_reference(q, cache, index, K, L, m, sinks, local):
   """
   q64 = ref.f64(q)
   keys, values = ref.f64(cache.keys), ref.f64(cache.values)
-  codes = np.asarray(index.codes).astype(np.int64)
+  codes = np.asarray(unpack_codes(index.codes, K, L)).astype(np.int64)
   mean = ref.f64(index.key_mean)
   q_codes = np.asarray(lsh.simhash(q, index.planes, K, L)).astype(np.int64)
   batch, num_q, head_dim = q.shape
@@ -76,7 +77,7 @@ def test_key_mean_is_the_mean_prefill_residual_key_and_codes_hash_centred_keys()
     np.testing.assert_allclose(np.asarray(index.key_mean[b]), keys[b, :, 4:n - 16].mean(1),
                                rtol=1e-5, atol=1e-5)
   centred = cache.keys - index.key_mean[:, :, None, :]
-  np.testing.assert_array_equal(np.asarray(index.codes),
+  np.testing.assert_array_equal(np.asarray(unpack_codes(index.codes, 6, 20)),
                                 np.asarray(lsh.simhash(centred, index.planes, 6, 20)))
   np.testing.assert_allclose(np.asarray(index.key_norms), np.linalg.norm(
       keys - ref.f64(index.key_mean)[:, :, None, :], axis=-1), rtol=1e-5)
@@ -96,7 +97,8 @@ def test_append_hashes_new_tokens_and_retrieves_them(tail, rebuilt):
   centred = full.keys - index.key_mean[:, :, None, :]
   want = np.asarray(lsh.simhash(centred, index.planes, 6, 20))
   for b, n in enumerate((512, 400)):
-    np.testing.assert_array_equal(np.asarray(index.codes[b, :, :n]), want[b, :, :n])
+    np.testing.assert_array_equal(np.asarray(unpack_codes(index.codes, 6, 20)[b, :, :n]),
+                                  want[b, :, :n])
   res = est.attend(q, full, index, None)
   out, lse, sampled = magicpig_reference(q, full, index, 6, 20, 2, 4, 16)
   np.testing.assert_array_equal(np.asarray(res.stats["sampled"]), sampled)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sparse_attn as sa
+from pallas_kernels.table_match_counts import unpack_codes
 from sparse_attn import lsh, synthetic
 from tests.sparse_attn.test_magicpig import aligned_problem, small_problem
 
@@ -32,7 +33,7 @@ def need_reference(cache, index, K, L):
   """The documented rule in numpy: ``PROXIES`` evenly spaced residual keys per row and KV
   head, hashed as queries; the largest share of the row's hashed tokens in their buckets,
   and of its residual that collides in at least 2 tables."""
-  codes = np.asarray(index.codes).astype(np.int64)  # [B, Hkv, S, L]
+  codes = np.asarray(unpack_codes(index.codes, K, L)).astype(np.int64)  # [B, Hkv, S, L]
   entries, qualified = [], []
   for b in range(cache.keys.shape[0]):
     n = int(cache.length[b])
@@ -89,10 +90,13 @@ def test_a_traced_init_or_a_short_prefill_keeps_the_formula():
   est = sa.magicpig(K=K, L=L, sinks=SINKS, local=LOCAL)
   q, cache = small_problem()
   traced = jax.jit(est.init)(cache, jax.random.PRNGKey(5)).buffers
+  # A concrete cache with a traced key (init under the caller's jit over seeds): traced too.
+  traced_key = jax.jit(lambda key: est.init(cache, key))(jax.random.PRNGKey(5)).buffers
   short = est.init(cache._replace(length=jnp.array([200, 0], jnp.int32)),
                    jax.random.PRNGKey(5)).buffers
   expected = formula(K, L, cache.keys.shape[2])
   assert (traced.candidates, traced.selected) == expected
+  assert (traced_key.candidates, traced_key.selected) == expected
   assert (short.candidates, short.selected) == expected
 
 
