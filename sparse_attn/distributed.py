@@ -209,46 +209,52 @@ def sharded(make: Callable[[int], Estimator | None], mesh: Mesh, *, sinks: int =
                           fn_rest(*args))
     return call
 
+  # Each shard_map is built and jitted once per estimator: an eager shard_map runs its body
+  # op by op and a fresh closure per call recompiled every call (a MagicPIG attend at 4K
+  # tokens on 8 simulated CPU devices: 22 s per eager call, against one compile of 10 s
+  # and 0.04 s per call after it, on a busy 2-core machine).
+  def init_part(cache, key):
+    mine, _ = _local(cache, axis, local)
+    return stack(on_device(first.init, rest.init)(mine, key))
+
+  def append_part(index, cache):
+    mine, _ = _local(cache, axis, local)
+    return stack(on_device(first.append, rest.append)(unstack(index), mine))
+
+  init_parts = jax.jit(shard_map(init_part, mesh, (specs, P()), parts))
+  append_parts = jax.jit(shard_map(append_part, mesh, (parts, specs), parts))
+
   def init(cache: KVCache, key=None):
     if first is None:
       return ()
-
-    def part(cache, key):
-      mine, _ = _local(cache, axis, local)
-      return stack(on_device(first.init, rest.init)(mine, key))
-
     cache, _ = within_capacity(cache)
-    return shard_map(part, mesh, (specs, P()), parts)(cache, key)
+    return init_parts(cache, key)
 
   def append(index, cache: KVCache):
     if first is None:
       return index
-
-    def part(index, cache):
-      mine, _ = _local(cache, axis, local)
-      return stack(on_device(first.append, rest.append)(unstack(index), mine))
-
     cache, _ = within_capacity(cache)
-    return shard_map(part, mesh, (parts, specs), parts)(index, cache)
+    return append_parts(index, cache)
+
+  def attend_part(q, cache, index, key):
+    mine, offset = _local(cache, axis, local)
+    pieces = [_window(q, cache, offset, local)] if local else []
+    if first is not None:
+      index = unstack(index)
+      device_key = None if key is None else jax.random.fold_in(key, jax.lax.axis_index(axis))
+      result = on_device(first.attend, rest.attend)(q, mine, index, device_key)
+      pieces.append(_without(result, mine.length == 0))
+    mine_result = merge(pieces) if len(pieces) > 1 else pieces[0]
+    gathered = jax.lax.all_gather(mine_result, axis)
+    return merge([jax.tree.map(lambda x, i=i: x[i], gathered)
+                  for i in range(mesh.shape[axis])])
+
+  attend_parts = jax.jit(shard_map(attend_part, mesh, (rows, specs, parts, P()), rows))
 
   def attend(q, cache: KVCache, index, key=None) -> AttentionResult:
     check_query(q, cache)
-
-    def part(q, cache, index, key):
-      mine, offset = _local(cache, axis, local)
-      pieces = [_window(q, cache, offset, local)] if local else []
-      if first is not None:
-        index = unstack(index)
-        device_key = None if key is None else jax.random.fold_in(key, jax.lax.axis_index(axis))
-        result = on_device(first.attend, rest.attend)(q, mine, index, device_key)
-        pieces.append(_without(result, mine.length == 0))
-      mine_result = merge(pieces) if len(pieces) > 1 else pieces[0]
-      gathered = jax.lax.all_gather(mine_result, axis)
-      return merge([jax.tree.map(lambda x, i=i: x[i], gathered)
-                    for i in range(mesh.shape[axis])])
-
     cache, over = within_capacity(cache)  # past the capacity: as every estimator (types)
-    result = shard_map(part, mesh, (rows, specs, parts, P()), rows)(q, cache, index, key)
+    result = attend_parts(q, cache, index, key)
     return result._replace(stats={**result.stats, "over_capacity": jnp.broadcast_to(
         over[:, None], result.lse.shape)})
 
