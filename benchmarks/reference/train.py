@@ -22,7 +22,8 @@ instances from ``[seed, 2, ...]`` on held-out text. A checkpoint (params, optimi
 step) is written every ``--checkpoint-minutes`` and at exit; ``--resume`` continues exactly
 (bit-identical on the same device). At the end of the recipe, or when ``--minutes`` of this
 invocation are spent, the model is written as a Hugging Face folder ``OUT/hf`` (loadable with
-``models.load_hf``) and evaluated on the recipe's final suite. Every evaluation is appended
+``models.load_hf``); at the end of the recipe it is also evaluated on the recipe's final
+suite. Every evaluation is appended
 to ``OUT/train_log.jsonl``, and every record carries the PFLOP done so far
 (``recipes.train_flops``). The same script runs on a GPU: only the default tokens per step
 depends on the device.
@@ -165,7 +166,8 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
     out: run folder (``ckpt/``, ``hf/``, ``train_log.jsonl``).
     recipe: a key of ``RECIPES``.
     seed: model, data and evaluation seed.
-    minutes: wall-clock budget of this invocation; when spent, checkpoint, export, stop.
+    minutes: wall-clock budget of this invocation; when spent, checkpoint, export, stop
+      (the final suite runs only once the recipe's last step is done).
     resume: continue from ``out/ckpt`` (same recipe, seed, tokens per step and config).
     tokens_per_step: default the recipe's for this device (``Recipe.tokens_per_step``).
     checkpoint_minutes: checkpoint period.
@@ -269,7 +271,7 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
       info, finished=step >= rec.total_steps, python=platform.python_version(),
       corpus_sha256=corpus.sha256)})
   final = None
-  if final_suite:
+  if final_suite and step >= total:  # a chunk that stops early leaves it to the last one
     final = run_eval("final", evaluation.suite_instances(final_suite, seed + 1, corpus),
                      float(np.mean(losses[-rec.eval_every:])) if losses else None)
     print(f"final (step {step}): {evaluation.summary(final)}", flush=True)

@@ -1,5 +1,7 @@
 """The long-context recipes: parameter and FLOP counts, the plan, attention remat."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,13 @@ def test_remat_gives_the_same_values_and_gradients():
   remat = jax.value_and_grad(loss(True), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_chunk_that_stops_early_skips_the_final_suite(tmp_path):
+  tiny = train.model_config(hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8)
+  model, final = train.train(tmp_path, recipe="tiny", config=tiny, minutes=0.0,
+                             tokens_per_step=512, eval_suite=(), progress=False,
+                             final_suite=(("needle_single", 256, 1),))
+  kinds = [json.loads(line)["kind"] for line in
+           (tmp_path / "train_log.jsonl").read_text().splitlines()]
+  assert final is None and kinds == ["start"] and (tmp_path / "hf" / "config.json").is_file()
