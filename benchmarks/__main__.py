@@ -74,28 +74,34 @@ def eval_main(argv: list[str]) -> int:
   parser.add_argument("--model", default=estimator_eval.REFERENCE,
                       help="checkpoint folder (config.json + *.safetensors), byte vocabulary")
   parser.add_argument("--instances", type=int, help="held-out instances per task (accuracy)")
-  parser.add_argument("--length", type=int, default=estimator_eval.Config().length,
-                      help="bytes per task instance (the reference model's is 1024)")
-  parser.add_argument("--tasks", help=f"comma-separated, from {list(estimator_eval.FULL_TASKS)}")
+  parser.add_argument("--length", type=int, default=None,
+                      help="bytes per task instance (default: the model's last training "
+                           "length, 1024 for the 1K reference model; longer lengths take "
+                           "fewer instances, Config.at_length)")
+  parser.add_argument("--tasks", help=f"comma-separated, from {list(estimator_eval.ALL_TASKS)}")
   parser.add_argument("--out", default="eval_results", metavar="DIR",
                       help="folder for report.json and error_vs_density.png")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  overrides = {"model": args.model, "length": args.length}
-  if args.length < 256:
+  default_length, extra_tasks = estimator_eval.evaluation_defaults(args.model)
+  length = args.length or default_length
+  overrides = {"model": args.model}
+  if extra_tasks:  # a long-context reference model: its aggregation tasks too
+    base = estimator_eval.FULL_TASKS if args.full else estimator_eval.QUICK_TASKS
+    overrides["tasks"] = base + extra_tasks
+  if length < 256:
     parser.error("--length must be >= 256 bytes (the tasks' records and questions)")
   if args.instances is not None:
     _positive(parser, args, ("instances",))
     overrides["instances"] = args.instances
   if args.tasks:
     chosen = tuple(t for t in args.tasks.split(",") if t)
-    unknown = set(chosen) - set(estimator_eval.FULL_TASKS)
+    unknown = set(chosen) - set(estimator_eval.ALL_TASKS)
     if unknown or not chosen:
       parser.error(f"unknown --tasks {sorted(unknown)}; choose from "
-                   f"{list(estimator_eval.FULL_TASKS)}")
+                   f"{list(estimator_eval.ALL_TASKS)}")
     overrides["tasks"] = chosen
-  cfg = (estimator_eval.Config.full(**overrides) if args.full
-         else estimator_eval.Config(**overrides))
+  cfg = estimator_eval.Config.at_length(length, args.full, **overrides)
   report = estimator_eval.run(cfg, progress=not args.no_progress)
   print(estimator_report.format_report(report))
   os.makedirs(args.out, exist_ok=True)

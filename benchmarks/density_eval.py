@@ -18,6 +18,7 @@ below ``RESOLUTION`` count as equal (the strict count is reported beside).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,25 +60,37 @@ class Config:
   seed: int = 0
 
 
+def error_density(est: sa.Estimator, problems: list, seeds: int, index_key: int = 1,
+                  jit: bool = False) -> dict:
+  """``est`` on every ``(q, cache, exact_out)`` of ``problems`` with ``seeds`` sampling keys:
+  the relative errors and densities per query head, and the reads (fraction of the valid
+  tokens; vAttention's base sample counts in them). ``jit``: compile ``init`` and ``attend``
+  (once per estimator object and shape; worth it when ``est`` runs on many problems)."""
+  init, attend = (ee._init, ee._attend) if jit else (
+      lambda e, *a: e.init(*a), lambda e, *a: e.attend(*a))
+  errs, dens, reads = [], [], []
+  for q, cache, exact in problems:
+    index = init(est, cache, jax.random.PRNGKey(index_key))
+    for s in range(seeds):
+      res = attend(est, q, cache, index, jax.random.PRNGKey(100 + s))
+      errs.append(harness.relative_error(res.out, exact).ravel())
+      dens.append(np.asarray(res.density).ravel())
+      reads.append(np.asarray(res.stats.get("read", res.stats["selected"])).ravel()
+                   / np.asarray(res.stats["valid"]).ravel())
+  return {"errors": np.concatenate(errs), "densities": np.concatenate(dens),
+          "reads": np.concatenate(reads)}
+
+
 def cell(cfg: Config, problems: list, hash_params: dict, density: float) -> dict:
   """Median error (and mean density) of every method on ``problems``: a list of
   ``(q, cache, exact_out)`` sharing shapes."""
   window = dict(sinks=cfg.sinks, local=cfg.local)
   out = {}
 
-  def run(est, seeds, index_key=1):
-    errs, dens, reads = [], [], []
-    for q, cache, exact in problems:
-      index = est.init(cache, jax.random.PRNGKey(index_key))
-      for s in range(seeds):
-        res = est.attend(q, cache, index, jax.random.PRNGKey(100 + s))
-        errs.append(harness.relative_error(res.out, exact).ravel())
-        dens.append(np.asarray(res.density).ravel())
-        reads.append(np.asarray(res.stats.get("read", res.stats["selected"])).ravel()
-                     / np.asarray(res.stats["valid"]).ravel())
-    return {"error": float(np.median(np.concatenate(errs))),
-            "density": float(np.mean(np.concatenate(dens))),
-            "read": float(np.mean(np.concatenate(reads)))}
+  def run(est, seeds):
+    m = error_density(est, problems, seeds)
+    return {"error": float(np.median(m["errors"])), "density": float(np.mean(m["densities"])),
+            "read": float(np.mean(m["reads"]))}
 
   # Oracle top-k: the window plus round(d n) - window tokens (n: the problems' mean length).
   n = float(np.mean([float(jnp.mean(c.length)) for _, c, _ in problems]))
@@ -111,7 +124,8 @@ def model_cells(cfg: Config, tick) -> list[dict]:
   per_layer = {layer: [] for layer in range(model_cfg.num_layers)}
   for task in cfg.tasks:
     held_out = ee.instances(eval_cfg, task, cfg.instances, True, corpus)
-    att = ee.Attention(model, held_out, codec, eval_cfg)
+    att = ee.Attention(ee.Prefill(model, held_out, codec, eval_cfg, len(held_out)),
+                       len(held_out), eval_cfg)
     for layer in per_layer:
       per_layer[layer] += [(p.q, p.cache, p.exact) for p in att.problems(layer)]
   cells = []
@@ -196,3 +210,97 @@ def format_report(report: dict) -> str:
                  f"/{w['cells']} cells ({w['fraction']:.0%}; the claim asks 80%); errors "
                  f"below {RESOLUTION:g} counted as equal (without: {w['no_worse_strict']})")
   return "\n".join(lines)
+
+
+# Error-vs-density curves (``python -m benchmarks eval``): each method swept over its own
+# knob on the evaluation's captured attention, one line per method and layer group.
+class Sweep(NamedTuple):
+  """``method`` (a name in ``methods.EVAL`` or ``methods.EQUAL_DENSITY``) with ``knob`` set
+  to each of ``values``: an estimator setting, or ``epsilon`` / ``density`` of its
+  ``methods.Context``."""
+
+  method: str
+  knob: str
+  values: tuple
+
+
+SWEEPS = (
+    Sweep("topk 2% (oracle)", "fraction", (0.01, 0.02, 0.05, 0.1)),
+    Sweep("spotlight 2% (trained)", "fraction", (0.01, 0.02, 0.05, 0.1)),
+    Sweep("linear hash 2% (untrained)", "fraction", (0.01, 0.02, 0.05, 0.1)),
+    Sweep("magicpig K=10 L=150", "L", (20, 50, 100, 150, 300)),
+    Sweep("vattention e=d=0.05", "epsilon", (0.025, 0.05, 0.1, 0.2)),
+    Sweep("vattention simhash", "density", (0.01, 0.02, 0.05, 0.1)),
+)
+CONTEXT_KNOBS = ("epsilon", "density")
+
+
+def sweep_method(sweep: Sweep, value) -> methods.Method:
+  method = methods.EVAL.get(sweep.method) or methods.lookup(methods.EQUAL_DENSITY, sweep.method)
+  if sweep.knob in CONTEXT_KNOBS:
+    return method
+  return dataclasses.replace(method, settings={**method.settings, sweep.knob: value})
+
+
+def layer_groups(sparse_layers: Sequence[int], groups: int = 3) -> list[list[int]]:
+  """The sparse layers cut into at most ``groups`` contiguous groups, first to last."""
+  parts = np.array_split(np.asarray(sparse_layers, int), min(groups, len(sparse_layers)))
+  return [p.tolist() for p in parts if p.size]
+
+
+def curves(problems: dict[int, list], hash_params: dict[str, list], window: dict,
+           epsilon: float, delta: float, seeds: int, groups: list[list[int]],
+           sweeps: Sequence[Sweep] = SWEEPS, tick=lambda what: None) -> list[dict]:
+  """Per sweep and layer group: one point ``(knob value, density, median error)`` per value.
+
+  Args:
+    problems: per layer, ``(q, cache, exact_out)`` triples sharing shapes.
+    hash_params: ``{"trained": [per layer], "untrained": [per layer]}`` Spotlight heads.
+    window: the exact window (``sinks``, ``local``).
+    epsilon, delta: vAttention's, where the sweep's knob is not ``epsilon``.
+    seeds: sampling keys per problem for the sampling methods.
+    groups: the layer groups (``layer_groups``).
+  """
+  lines = []
+  for sweep in sweeps:
+    points = {tuple(g): [] for g in groups}
+    for value in sweep.values:
+      method = sweep_method(sweep, value)
+      built = {}  # one estimator per value (per layer with Spotlight's heads): one compile
+
+      def make(layer):
+        heads = hash_params[method.hash_heads][layer] if method.hash_heads else None
+        if heads is None and None in built:
+          return built[None]
+        if sweep.knob == "density":  # the density policy: no (epsilon, delta)
+          context = methods.Context(**window, density=value, hash_params=heads)
+        else:
+          context = methods.Context(**window, epsilon=value if sweep.knob == "epsilon"
+                                    else epsilon, delta=delta, hash_params=heads)
+        return built.setdefault(None if heads is None else layer, method.make(context))
+
+      for group in groups:
+        errs, dens = [], []
+        for layer in group:
+          m = error_density(make(layer), problems[layer], seeds if method.samples else 1,
+                            jit=True)
+          errs.append(m["errors"])
+          dens.append(m["densities"])
+        points[tuple(group)].append({
+            "value": value, "density": float(np.mean(np.concatenate(dens))),
+            "error": float(np.median(np.concatenate(errs)))})
+      tick(f"curve {sweep.method} {sweep.knob}={value}")
+    for group in groups:
+      lines.append({"method": sweep.method, "knob": sweep.knob, "layers": group,
+                    "points": points[tuple(group)]})
+  return lines
+
+
+def interpolated_error(line: dict, density: float) -> float | None:
+  """``line``'s error at ``density``, log-log interpolated; None outside its range."""
+  dens = np.array([p["density"] for p in line["points"]])
+  errs = np.maximum([p["error"] for p in line["points"]], 1e-9)
+  order = np.argsort(dens)
+  if not dens.min() <= density <= dens.max():
+    return None
+  return float(np.exp(np.interp(np.log(density), np.log(dens[order]), np.log(errs[order]))))

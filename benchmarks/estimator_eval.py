@@ -21,6 +21,13 @@ method:
 * **vAttention's (epsilon, delta)**: over ``seeds`` draws per query head, the fraction with a
   relative output error above epsilon, on the heads whose budget was not clipped, per layer,
   against ``delta + 3`` standard errors.
+* **error-vs-density curves**: each method swept over its own knob (top-k's and Spotlight's
+  fraction, MagicPIG's table count ``L``, vAttention's epsilon, the importance proposal's
+  density; ``density_eval.SWEEPS``) on ``curve_queries`` answer positions per instance, one
+  line per method and layer group.
+
+The dense forward (``eval_prefill``) runs once per task with blockwise attention, so the
+evaluation runs at 16K tokens and more; every method decodes from its caches.
 
 Spotlight's hash heads are trained per layer (``sa.train.fit_hash_heads``) on the model's
 queries and keys over *training-split* instances of the same tasks; the untrained,
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import pathlib
 import time
@@ -47,13 +55,17 @@ import numpy as np
 import sparse_attn as sa
 from benchmarks import harness, methods
 from benchmarks.reference import tasks
+from benchmarks.eval_prefill import Prefill, accuracy, dense_qkv
 from benchmarks.task_codec import Codec
-from models import checkpoint, decoding
+from benchmarks.token_sets import entered, iou, oracle_top, recall  # noqa: F401 (re-exported)
+from models import checkpoint
 
 REFERENCE = str(pathlib.Path(__file__).resolve().parent / "reference" / "runs" / "ref-4x128"
                 / "hf")
 QUICK_TASKS = ("needle_single", "needle_multikey", "variable_tracking", "common_words")
 FULL_TASKS = QUICK_TASKS + ("mqar",)
+LEARNABLE_AGGREGATION = ("frequent_word", "count_marked")  # trained by the long recipes
+ALL_TASKS = FULL_TASKS + LEARNABLE_AGGREGATION
 # Names in methods.EVAL, in the table's order.
 QUICK_METHODS = ("dense", "streaming", "topk 2% (oracle)", "magicpig K=10 L=150",
                  "vattention e=d=0.05", "spotlight 2% (trained)", "linear hash 2% (untrained)")
@@ -83,13 +95,49 @@ class Config:
   seeds: int = 4  # vAttention draws per query head
   hash_steps: int = 60
   hash_instances: int = 2  # per task, training split
+  hash_tokens: int | None = None  # train the hash heads on this prefix (None: whole rows)
   batch: int = 16
   seed: int = 0
+  curve_queries: int = 2  # answer positions per instance in the error-vs-density curves
+  forward_tokens: int = 32768  # tokens per dense forward (rows = this // length)
+  block: int = 512  # query block of the dense forward's blockwise attention
 
   @classmethod
   def full(cls, **overrides) -> "Config":
     return cls(**{**dict(tasks=FULL_TASKS, methods=FULL_METHODS, instances=50,
                          attention_instances=8, seeds=8, hash_steps=300), **overrides})
+
+  @classmethod
+  def at_length(cls, length: int, full: bool = False, **overrides) -> "Config":
+    """``Config()`` (or ``full()``) at ``length`` bytes, with instances scaled down as
+    ``1024 / length`` (each costs ``length^2``): at 16K the quick run takes 4 instances per
+    task for accuracy and 2 for the attention metrics, ``full`` 16 and 4; past 4096 bytes the
+    quick run also measures 2 answer positions (not 4; 1 in the curves, not 2) and trains
+    Spotlight's heads on one instance per task (not 2), on its first 4096 tokens (each
+    training step scores every sampled query against every key)."""
+    base = cls.full() if full else cls()
+    scale = min(1.0, 1024 / length)
+    sized = dict(length=length,
+                 instances=max(16 if full else 4, round(base.instances * scale)),
+                 attention_instances=max(4 if full else 2,
+                                         round(base.attention_instances * scale)))
+    if length > 4096 and not full:
+      sized.update(queries=2, curve_queries=1, hash_instances=1, hash_tokens=4096)
+    return (cls.full if full else cls)(**{**sized, **overrides})
+
+
+def evaluation_defaults(folder: str) -> tuple[int, tuple[str, ...]]:
+  """``(length, extra tasks)`` of a reference model, from its recipe (``config.json``'s
+  ``sparse_attn_reference``): the last training length, and the learnable aggregation tasks
+  it was trained on; ``(1024, ())`` for any other model."""
+  from benchmarks.reference.recipes import RECIPES
+  path = pathlib.Path(folder) / "config.json"
+  meta = json.loads(path.read_text()).get("sparse_attn_reference", {}) if path.is_file() else {}
+  recipe = RECIPES.get(meta.get("run", {}).get("recipe"))
+  if recipe is None:
+    return 1024, ()
+  trained = {task for phase in recipe.phases for task, _ in phase.mixture}
+  return recipe.phases[-1].length, tuple(t for t in LEARNABLE_AGGREGATION if t in trained)
 
 
 def make_method(method: methods.Method, cfg: Config, hash_params: dict | None) -> sa.Estimator:
@@ -128,8 +176,9 @@ def train_spotlight(model, model_cfg, cfg: Config, corpus, codec: Codec,
   group = [inst for task in cfg.tasks
            for inst in instances(cfg, task, cfg.hash_instances, False, corpus)]
   enc = codec.encode(group)
-  shortest = int(enc.lengths.min())  # no padding in the training batch
-  qkv = decoding.capture(model, jnp.asarray(enc.tokens[:, :shortest]))
+  shortest = min(int(enc.lengths.min()), cfg.hash_tokens or enc.tokens.shape[1])  # no padding
+  qkv = dense_qkv(model, enc.tokens[:, :shortest], np.full(len(group), shortest), cfg,
+                  len(group))
   trained, history = [], []
   for layer, (q, k, _) in enumerate(qkv):
     start = layer_params(cfg, model_cfg, None, layer)
@@ -141,76 +190,6 @@ def train_spotlight(model, model_cfg, cfg: Config, corpus, codec: Codec,
     history.append({"loss_first": hist["loss"][0], "loss_last": hist["loss"][-1]})
     tick(f"hash heads, layer {layer}")
   return trained, history
-
-
-def accuracy(model, group: list, ests: list, codec: Codec, cfg: Config, key) -> float:
-  """Exact match of the last answer, decoded greedily through ``ests``."""
-  hits = []
-  for first in range(0, len(group), cfg.batch):
-    chunk = group[first:first + cfg.batch]
-    enc = codec.encode(chunk + [chunk[-1]] * (cfg.batch - len(chunk)))
-    new = int(enc.answer_tokens.max()) + codec.extra
-    tokens = jnp.asarray(enc.tokens)
-    options = dict(attention=ests, dense_layers=cfg.dense_layers)
-    # Whole sequences with a prompt length (all but the prompt's last token), so that every
-    # task has the same shapes; the answer is overwritten as it is decoded.
-    _, state = decoding.prefill(model, tokens, jnp.asarray(enc.starts - 1),
-                                capacity=tokens.shape[1] + new, key=key, **options)
-    token, got = tokens[jnp.arange(cfg.batch), jnp.asarray(enc.starts - 1)], []
-    for step in range(new):
-      logits, state, _ = decoding.decode_step(model, state, token,
-                                              key=jax.random.fold_in(key, step), **options)
-      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      got.append(np.asarray(token))
-    got = np.stack(got, axis=1)
-    hits += [codec.decode(ids[:n + codec.extra]).startswith(answer) for ids, n, answer, _ in
-             zip(got, enc.answer_tokens, enc.answers, chunk)]
-  return float(np.mean(hits))
-
-
-@jax.jit
-def oracle_top(q, cache: sa.KVCache):
-  """``bool [B, Hq, S]``: the ``ceil(0.02 n)`` valid tokens of highest exact score."""
-  keys, _, length = cache
-  group = q.shape[1] // keys.shape[1]
-  scores = jnp.einsum("bhd,bhsd->bhs", q, jnp.repeat(keys, group, axis=1),
-                      precision=jax.lax.Precision.HIGHEST)
-  valid = jnp.arange(keys.shape[2])[None, None, :] < length[:, None, None]
-  scores = jnp.where(valid, scores, -jnp.inf)
-  k = jnp.ceil(ORACLE_FRACTION * length.astype(jnp.float32)).astype(jnp.int32)
-  rank = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)
-  return rank < k[:, None, None]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def entered(est: sa.Estimator, q, cache: sa.KVCache, index, key) -> jax.Array:
-  """``bool [B, Hq, S]``: the tokens that entered ``est``'s estimate, by one-hot value
-  probes (``D`` positions per probe, all probes in one vmapped call)."""
-  batch, num_kv, capacity, dim = cache.keys.shape
-  probes = -(-capacity // dim)
-  position = jnp.arange(capacity)
-  codes = (position[None, :, None] - dim * jnp.arange(probes)[:, None, None]
-           == jnp.arange(dim)[None, None, :]).astype(cache.values.dtype)  # [P, S, D]
-
-  def one(code):
-    values = jnp.broadcast_to(code, cache.values.shape)
-    return est.attend(q, cache._replace(values=values), index, key).out
-
-  outs = jax.vmap(one)(codes)  # [P, B, Hq, D]: probe p, slot d is position p * D + d
-  seen = jnp.moveaxis(outs, 0, 2).reshape(batch, q.shape[1], probes * dim)[..., :capacity]
-  return seen > 0
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  inter = np.logical_and(a, b).sum(-1)
-  union = np.logical_or(a, b).sum(-1)
-  return inter / np.maximum(union, 1)
-
-
-def recall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """The fraction of ``b`` (the oracle's tokens) in ``a``: unlike IoU, not capped by the
-  size of ``a`` (an exact window of 20 tokens plus the top 2% caps IoU near 0.5)."""
-  return np.logical_and(a, b).sum(-1) / np.maximum(b.sum(-1), 1)
 
 
 class Problem(NamedTuple):
@@ -227,12 +206,12 @@ class Attention:
   """One task's captured attention: per layer, one ``Problem`` per answer position (built
   once, shared by every method)."""
 
-  def __init__(self, model, group: list, codec: Codec, cfg: Config):
-    enc = codec.encode(group)
-    self.qkv = decoding.capture(model, jnp.asarray(enc.tokens), jnp.asarray(enc.lengths))
-    self.positions = [np.minimum(enc.starts - 1 + j, enc.lengths - 1)
+  def __init__(self, prefill: Prefill, n: int, cfg: Config):
+    enc = prefill.enc
+    self.qkv = [(q[:n], k[:n], v[:n]) for q, k, v in prefill.qkv]
+    self.positions = [np.minimum(enc.starts[:n] - 1 + j, enc.lengths[:n] - 1)
                       for j in range(cfg.queries)]
-    self.batch = len(group)
+    self.batch = n
     self._problems = {}
 
   def problems(self, layer: int) -> list[Problem]:
@@ -302,8 +281,12 @@ def run(cfg: Config = Config(), progress: bool = True) -> dict:
   corpus = tasks.load_corpus()
   chosen = {name: methods.lookup(methods.EVAL, name) for name in cfg.methods}
   spotlight = any(m.hash_heads == "trained" for m in chosen.values())
+  from benchmarks import density_eval  # it imports this module
+  sweeps = [s for s in density_eval.SWEEPS if spotlight or
+            density_eval.sweep_method(s, s.values[0]).hash_heads != "trained"]
   total = (model_cfg.num_layers * spotlight + len(cfg.methods) * len(cfg.tasks)
-           * (1 + model_cfg.num_layers))
+           * (1 + model_cfg.num_layers) + sum(len(s.values) for s in sweeps) * (
+               cfg.curve_queries > 0))
   from tqdm.auto import tqdm
   bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
 
@@ -311,7 +294,7 @@ def run(cfg: Config = Config(), progress: bool = True) -> dict:
     bar.set_postfix_str(what)
     bar.update(1)
 
-  phase = {"hash heads": 0.0, "accuracy": 0.0, "attention": 0.0}
+  phase = {"hash heads": 0.0, "prefill": 0.0, "accuracy": 0.0, "attention": 0.0}
   clock = time.perf_counter()
   trained, hash_history = (train_spotlight(model, model_cfg, cfg, corpus, codec, tick) if spotlight
                            else (None, []))
@@ -319,13 +302,20 @@ def run(cfg: Config = Config(), progress: bool = True) -> dict:
   key = jax.random.PRNGKey(cfg.seed + 1)
   ests_of = {name: layer_methods(cfg, model_cfg, m, trained) for name, m in chosen.items()}
   acc = {m: {} for m in cfg.methods}
+  curve_problems = {layer: [] for layer in range(model_cfg.num_layers)}
   layers = {m: {t: [] for t in cfg.tasks} for m in cfg.methods}
   for task in cfg.tasks:
+    clock = time.perf_counter()
     held_out = instances(cfg, task, max(cfg.instances, cfg.attention_instances), True, corpus)
-    att = Attention(model, held_out[:cfg.attention_instances], codec, cfg)
+    prefill = Prefill(model, held_out, codec, cfg, cfg.attention_instances)
+    att = Attention(prefill, cfg.attention_instances, cfg)
+    phase["prefill"] += time.perf_counter() - clock
+    for layer in curve_problems:
+      curve_problems[layer] += [(p.q, p.cache, p.exact)
+                                for p in att.problems(layer)[:cfg.curve_queries]]
     for name, ests in ests_of.items():
       clock = time.perf_counter()
-      acc[name][task] = accuracy(model, held_out[:cfg.instances],
+      acc[name][task] = accuracy(model, prefill, cfg.instances,
                                  None if chosen[name].family == "dense" else ests, codec, cfg, key)
       phase["accuracy"] += time.perf_counter() - clock
       tick(f"{task}: {name} accuracy")
@@ -334,12 +324,32 @@ def run(cfg: Config = Config(), progress: bool = True) -> dict:
         layers[name][task].append(measure(ests[layer], chosen[name], att, layer, cfg, key))
         tick(f"{task}: {name} layer {layer}")
       phase["attention"] += time.perf_counter() - clock
+  clock = time.perf_counter()
+  curves = error_density_curves(cfg, model_cfg, curve_problems, trained, tick)
+  phase["curves"] = time.perf_counter() - clock
   bar.close()
-  return {"config": dataclasses.asdict(cfg), "model": {
+  return {"config": dataclasses.asdict(cfg), "curves": curves, "model": {
       "path": cfg.model, "layers": model_cfg.num_layers, "heads": model_cfg.num_heads,
       "kv_heads": model_cfg.num_kv_heads, "head_dim": model_cfg.head_dim},
       "accuracy": acc, "measured": layers, "hash_training": hash_history,
       "seconds": time.perf_counter() - begin, "phase_seconds": phase}
+
+
+def error_density_curves(cfg: Config, model_cfg, problems: dict, trained: list | None,
+                         tick) -> list[dict]:
+  """``density_eval.curves`` on the sparse layers' captured attention (``curve_queries``
+  positions per instance; the Spotlight sweep only where its heads were trained)."""
+  from benchmarks import density_eval
+  sparse = [l for l in range(model_cfg.num_layers) if l not in cfg.dense_layers]
+  if cfg.curve_queries < 1 or not sparse:
+    return []
+  sweeps = [s for s in density_eval.SWEEPS if trained is not None or
+            density_eval.sweep_method(s, s.values[0]).hash_heads != "trained"]
+  heads = {"trained": trained, "untrained": [layer_params(cfg, model_cfg, None, l)
+                                             for l in range(model_cfg.num_layers)]}
+  return density_eval.curves(problems, heads, dict(sinks=cfg.sinks, local=cfg.local),
+                             cfg.epsilon, cfg.delta, cfg.seeds,
+                             density_eval.layer_groups(sparse), sweeps, tick)
 
 
 def summarize(report: dict) -> dict:

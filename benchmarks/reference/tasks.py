@@ -22,6 +22,10 @@ the same prefix). Tasks, in the style of RULER:
   each name is one retrieval hop.
 * ``common_words``: aggregation (attention is not sparse): a list of words where three occur
   more often than any other, query ``?common:`` with answer the three, most frequent first.
+* ``frequent_word``: aggregation built to be learnable (``aggregation``): a list of words with
+  Zipf shares, query ``?frequent:``, answer the most frequent word (twice the next's count).
+* ``count_marked``: counting: markers ``[key]`` in a haystack, 1-9 with the queried key and
+  1-9 of each of two other keys; query ``?count[key]=``, answer the count (one digit).
 
 The query's bytes before an answer repeat the record's (``key``, with no delimiter between key
 and answer), so one mechanism, a multi-byte induction head (find the earlier ``key``, copy what
@@ -41,6 +45,8 @@ import zlib
 from typing import Callable
 
 import numpy as np
+
+from benchmarks.reference import aggregation
 
 SUFFIXES = (".py", ".txt", ".rst")
 EXCLUDED_DIRS = ("site-packages", "__pycache__", "test", "tests", "idle_test")
@@ -223,14 +229,38 @@ def common_words(rng: np.random.Generator, corpus: Corpus, length: int, top: int
       words += [word] * min(int(rng.integers(1, base + 1)), slots - len(words))
   order = rng.permutation(len(words))
   body = b" ".join(words[i] for i in order)
-  answer = b" ".join(tops)
+  return final_query(body, prefix, b" ".join(tops), length)
+
+
+def final_query(body: bytes, prefix: bytes, answer: bytes, length: int) -> Instance:
+  """``body``, a newline, ``prefix + answer`` and a newline, left-padded with spaces to
+  ``length`` bytes; loss on the answer.
+
+  Raises:
+    ValueError: it does not fit in ``length`` bytes.
+  """
   text = body + b"\n" + prefix + answer + b"\n"
-  text = text.rjust(length, b" ")
-  tokens = np.frombuffer(text, np.uint8).copy()
+  if len(text) > length:
+    raise ValueError(f"{len(text)} bytes do not fit in length={length}")
+  tokens = np.frombuffer(text.rjust(length, b" "), np.uint8).copy()
   start = length - 1 - len(answer)
   mask = np.zeros(length, np.float32)
   mask[start:start + len(answer)] = 1.0
   return Instance(tokens, mask, ((start, start + len(answer)),))
+
+
+def frequent_word(rng: np.random.Generator, corpus: Corpus, length: int,
+                  held_out: bool = False) -> Instance:
+  """``aggregation.frequent_word``'s list and question (no text: ``corpus`` unused)."""
+  del corpus, held_out
+  return final_query(*aggregation.frequent_word(rng, length), length)
+
+
+def count_marked(rng: np.random.Generator, corpus: Corpus, length: int,
+                 held_out: bool = False, key_letters: int = KEY_LETTERS) -> Instance:
+  """``aggregation.count_marked``'s markers hidden in a haystack, then its question."""
+  markers, prefix, answer = aggregation.count_marked(rng, letters=key_letters)
+  return compose(rng, corpus, length, markers, [(prefix, answer)], held_out)
 
 
 def copy(rng: np.random.Generator, corpus: Corpus, length: int,
@@ -268,7 +298,10 @@ TASKS: dict[str, Task] = {
     "needle_multiquery": functools.partial(key_value, num_records=4, num_queries=4),
     "variable_tracking": variable_tracking,
     "common_words": common_words,
+    "frequent_word": frequent_word,
+    "count_marked": count_marked,
 }
+AGGREGATION = ("common_words", "frequent_word", "count_marked")
 
 
 def make(task: str, seed: int | tuple[int, ...] | np.random.Generator, length: int,
@@ -281,7 +314,7 @@ def make(task: str, seed: int | tuple[int, ...] | np.random.Generator, length: i
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
   rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-  options = {} if task in ("text", "copy", "common_words") else {"key_letters": key_letters}
+  options = {} if task in ("text", "copy", "common_words", "frequent_word") else {"key_letters": key_letters}
   inst = TASKS[task](rng, corpus or load_corpus(), length, held_out=held_out, **options)
   if inst.tokens.shape != (length,):
     raise AssertionError(f"{task} made {inst.tokens.shape[0]} bytes, not {length}")

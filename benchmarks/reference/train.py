@@ -4,14 +4,17 @@
 
   python -m benchmarks.reference.train --out benchmarks/reference/runs/NAME [--minutes N] [--resume]
 
-Recipe (``RECIPES["cpu75"]``, sized for about 75 minutes on one CPU core): a length curriculum
-128 -> 256 -> 512 -> 1024. The 128-byte phase is dense supervision: ``copy`` (every repeated
-byte supervised) grows an induction head and multi-query associative recall (about 4 queries
-per 128 bytes, loss on the answers only) turns it into key lookup; natural text keeps
-language modelling (and previous-token heads) going. Later phases hide the records in longer
-haystacks and add the needle, variable-tracking and common-word tasks; the last phase trains
-at the evaluation length 1024. AdamW with warm-up and cosine decay. Attention is blockwise
-(``benchmarks.reference.attention``): masked blocks cost nothing.
+Recipes (``benchmarks.reference.recipes``): ``cpu75`` (the committed 1K model, about 75
+minutes on one CPU core) is a length curriculum 128 -> 256 -> 512 -> 1024. The 128-byte phase
+is dense supervision: ``copy`` (every repeated byte supervised) grows an induction head and
+multi-query associative recall (about 4 queries per 128 bytes, loss on the answers only)
+turns it into key lookup; natural text keeps language modelling (and previous-token heads)
+going. Later phases hide the records in longer haystacks and add the needle,
+variable-tracking and common-word tasks; the last phase trains at the evaluation length 1024.
+``gpu16k`` (the long-context model, on an accelerator) continues the curriculum to 16384 with
+the learnable aggregation tasks; ``cpu-smoke16k`` is it shrunk for a CPU. AdamW with warm-up
+and cosine decay. Attention is blockwise (``benchmarks.reference.attention``): masked blocks
+cost nothing.
 
 Everything is seeded: the model from ``seed``, the batch of step ``s`` from
 ``numpy.random.default_rng([seed, 1, s])`` (so the data RNG state is the step), the evaluation
@@ -19,8 +22,10 @@ instances from ``[seed, 2, ...]`` on held-out text. A checkpoint (params, optimi
 step) is written every ``--checkpoint-minutes`` and at exit; ``--resume`` continues exactly
 (bit-identical on the same device). At the end of the recipe, or when ``--minutes`` of this
 invocation are spent, the model is written as a Hugging Face folder ``OUT/hf`` (loadable with
-``models.load_hf``) and evaluated on ``evaluation.FINAL_SUITE``. Every evaluation is appended
-to ``OUT/train_log.jsonl``. The same script runs on a GPU: only the default tokens per step
+``models.load_hf``); at the end of the recipe it is also evaluated on the recipe's final
+suite. Every evaluation is appended
+to ``OUT/train_log.jsonl``, and every record carries the PFLOP done so far
+(``recipes.train_flops``). The same script runs on a GPU: only the default tokens per step
 depends on the device.
 """
 
@@ -47,77 +52,11 @@ from models.config import LlamaConfig
 from models.llama import Llama
 from benchmarks.reference import evaluation, export, tasks
 from benchmarks.reference.attention import forward_logits
+from benchmarks.reference.recipes import (RECIPES, Phase, Recipe, model_config,  # noqa: F401
+                                          recipe_config, train_flops)
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  """``steps`` optimizer steps on sequences of ``length`` bytes, tasks drawn by weight;
-  retrieval keys of ``key_letters`` letters."""
-
-  length: int
-  steps: int
-  mixture: tuple[tuple[str, float], ...]
-  key_letters: int = tasks.KEY_LETTERS
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """The curriculum and the optimizer (AdamW, warm-up then cosine to ``final_lr``)."""
-
-  phases: tuple[Phase, ...]
-  peak_lr: float = 2e-3
-  final_lr: float = 1e-4
-  warmup: int = 100
-  weight_decay: float = 0.1
-  b2: float = 0.95
-  clip: float = 1.0
-  block: int = 256
-  eval_every: int = 200
-  log_every: int = 25
-
-  @property
-  def total_steps(self) -> int:
-    return sum(p.steps for p in self.phases)
-
-  def phase(self, step: int) -> Phase:
-    for phase in self.phases:
-      if step < phase.steps:
-        return phase
-      step -= phase.steps
-    return self.phases[-1]
-
-  def phase_ends(self) -> set[int]:
-    return set(np.cumsum([p.steps for p in self.phases]).tolist())
-
-
-_WARMUP = (("copy", 0.3), ("mqar", 0.4), ("text", 0.3))
-_MIXED = (("mqar", 0.3), ("needle_multiquery", 0.2), ("needle_single", 0.1),
-          ("variable_tracking", 0.1), ("common_words", 0.05), ("copy", 0.05), ("text", 0.2))
-_LONG = (("mqar", 0.2), ("needle_multiquery", 0.2), ("needle_single", 0.15),
-         ("needle_multikey", 0.05), ("variable_tracking", 0.1), ("common_words", 0.05),
-         ("copy", 0.05), ("text", 0.2))
-RECIPES = {
-    # About 75 minutes on one CPU core at 2048 tokens per step. The 128-byte warm-up (copy +
-    # multi-query recall + text) is where the induction circuit forms: a 2-layer width-128
-    # probe left chance level after about 950 steps and reached 90% MQAR by 1350.
-    "cpu75": Recipe(phases=(Phase(128, 2500, _WARMUP), Phase(256, 2000, _MIXED),
-                            Phase(512, 1500, _LONG), Phase(1024, 1500, _LONG)),
-                    eval_every=250),
-    # For tests and smoke runs.
-    "tiny": Recipe(phases=(Phase(128, 4, _WARMUP), Phase(256, 2, _LONG)), warmup=2,
-                   block=64, eval_every=3, log_every=1),
-}
-
-
-def model_config(**overrides) -> LlamaConfig:
-  """The reference architecture: 4 layers, width 128, GQA 8 query / 2 KV heads of 32 (so
-  ``q_proj`` maps 128 -> 256), SwiGLU 384, byte vocabulary, RoPE base 10000 (about 1.0M
-  parameters, 4 MB in float32)."""
-  fields = dict(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=128,
-                intermediate_size=384, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
-                rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
-  fields.update(overrides)
-  return LlamaConfig(**fields)
+FROM_RECIPE = "recipe"  # train()'s final_suite default: the recipe's
 
 
 def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
@@ -139,11 +78,14 @@ def masked_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Ar
   return per_row.mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, block: int):
-  """A jitted ``(params, opt_state, tokens, mask) -> (params, opt_state, loss)``."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, block: int,
+                    remat: bool = False):
+  """A jitted ``(params, opt_state, tokens, mask) -> (params, opt_state, loss)``; ``remat``
+  recomputes each attention block in the backward pass."""
 
   def loss_fn(params, tokens, mask):
-    return masked_loss(forward_logits(nnx.merge(graphdef, params), tokens, block), tokens, mask)
+    logits = forward_logits(nnx.merge(graphdef, params), tokens, block, remat=remat)
+    return masked_loss(logits, tokens, mask)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, tokens, mask):
@@ -215,8 +157,8 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
           minutes: float | None = None, resume: bool = False,
           tokens_per_step: int | None = None, checkpoint_minutes: float = 10.0,
           config: LlamaConfig | None = None, max_steps: int | None = None,
-          eval_suite: Sequence[tuple[str, int, int]] = evaluation.TRAINING_SUITE,
-          final_suite: Sequence[tuple[str, int, int]] | None = evaluation.FINAL_SUITE,
+          eval_suite: Sequence[tuple[str, int, int]] | None = None,
+          final_suite: Sequence[tuple[str, int, int]] | None | str = FROM_RECIPE,
           progress: bool = True):
   """Runs (or resumes) a recipe; returns ``(model, final results or None)``.
 
@@ -224,21 +166,27 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
     out: run folder (``ckpt/``, ``hf/``, ``train_log.jsonl``).
     recipe: a key of ``RECIPES``.
     seed: model, data and evaluation seed.
-    minutes: wall-clock budget of this invocation; when spent, checkpoint, export, stop.
+    minutes: wall-clock budget of this invocation; when spent, checkpoint, export, stop
+      (the final suite runs only once the recipe's last step is done).
     resume: continue from ``out/ckpt`` (same recipe, seed, tokens per step and config).
-    tokens_per_step: default 2048 on CPU, 16384 on accelerators.
+    tokens_per_step: default the recipe's for this device (``Recipe.tokens_per_step``).
     checkpoint_minutes: checkpoint period.
-    config: the model (default ``model_config()``).
+    config: the model (default the recipe's, ``recipe_config``).
     max_steps: stop after this many steps in all (for tests); the schedule is the recipe's.
-    eval_suite, final_suite: ``(task, length, n)`` groups (``final_suite`` None: skip).
+    eval_suite, final_suite: ``(task, length, n)`` groups; None for ``eval_suite`` and
+      ``FROM_RECIPE`` for ``final_suite``: the recipe's; ``final_suite`` None: skip.
     progress: show a tqdm bar.
   """
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  if recipe not in RECIPES:
+    raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
   rec = RECIPES[recipe]
-  config = config or model_config()
+  config = config or recipe_config(rec)
   if tokens_per_step is None:
-    tokens_per_step = 2048 if jax.devices()[0].platform == "cpu" else 16384
+    tokens_per_step = rec.tokens_per_step(jax.devices()[0].platform)
+  eval_suite = rec.eval_suite if eval_suite is None else eval_suite
+  final_suite = rec.final_suite if final_suite == FROM_RECIPE else final_suite
   corpus = tasks.load_corpus()
   graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(seed)))
   tx = make_optimizer(rec)
@@ -259,7 +207,14 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
                  corpus_files=corpus.files, corpus_sha256=corpus.sha256, **run,
                  recipe_spec=dataclasses.asdict(rec)))
   eval_instances = evaluation.suite_instances(eval_suite, seed, corpus)
-  train_step = make_train_step(graphdef, tx, rec.block)
+  train_step = make_train_step(graphdef, tx, rec.block, rec.remat)
+
+  def step_flops(s):  # of step s, for the log's cumulative PFLOP (throughput = / seconds)
+    phase = rec.phase(s)
+    rows = max(1, tokens_per_step // phase.length)
+    return train_flops(config, phase.length, rows, rec.block, rec.remat)
+
+  flops = sum(step_flops(s) for s in range(step))
   total = min(rec.total_steps, max_steps or rec.total_steps)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, rec.peak_lr, rec.warmup, max(rec.total_steps, rec.warmup + 1), rec.final_lr)
@@ -276,7 +231,8 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
   def run_eval(kind, instances, loss):
     results = evaluation.evaluate(graphdef, params, instances, block=rec.block)
     log.write(dict(kind=kind, step=step, tokens=step * tokens_per_step,
-                   train_seconds=round(train_seconds, 1), length=rec.phase(step - 1).length,
+                   pflop=round(flops / 1e15, 6), train_seconds=round(train_seconds, 1),
+                   length=rec.phase(step - 1).length,
                    lr=schedule_lr(step), loss=loss, results=results))
     return results
 
@@ -292,12 +248,14 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
                                          jnp.asarray(mask))
     losses.append(float(loss))
     train_seconds += time.time() - t0
+    flops += step_flops(step)
     step += 1
     bar.update(1)
     bar.set_postfix(T=phase.length, loss=f"{losses[-1]:.3f}", refresh=False)
     if step % rec.log_every == 0:
       log.write(dict(kind="train", step=step, tokens=step * tokens_per_step,
-                     train_seconds=round(train_seconds, 1), length=phase.length,
+                     pflop=round(flops / 1e15, 6), train_seconds=round(train_seconds, 1),
+                     length=phase.length,
                      loss=float(np.mean(losses[-rec.log_every:]))))
     if step % rec.eval_every == 0 or step in rec.phase_ends():
       results = run_eval("eval", eval_instances, float(np.mean(losses[-rec.eval_every:])))
@@ -313,7 +271,7 @@ def train(out: str | pathlib.Path, *, recipe: str = "cpu75", seed: int = 0,
       info, finished=step >= rec.total_steps, python=platform.python_version(),
       corpus_sha256=corpus.sha256)})
   final = None
-  if final_suite:
+  if final_suite and step >= total:  # a chunk that stops early leaves it to the last one
     final = run_eval("final", evaluation.suite_instances(final_suite, seed + 1, corpus),
                      float(np.mean(losses[-rec.eval_every:])) if losses else None)
     print(f"final (step {step}): {evaluation.summary(final)}", flush=True)
@@ -329,14 +287,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="wall-clock budget of this invocation")
   parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
   parser.add_argument("--tokens-per-step", type=int, default=None,
-                      help="default: 2048 on CPU, 16384 on accelerators")
+                      help="default: the recipe's for this device (cpu75: 2048 on CPU, "
+                           "16384 on accelerators; gpu16k: 32768 on accelerators)")
   parser.add_argument("--checkpoint-minutes", type=float, default=10.0)
   parser.add_argument("--no-final-eval", action="store_true")
   args = parser.parse_args(argv)
   train(args.out, recipe=args.recipe, seed=args.seed, minutes=args.minutes,
         resume=args.resume, tokens_per_step=args.tokens_per_step,
         checkpoint_minutes=args.checkpoint_minutes,
-        final_suite=None if args.no_final_eval else evaluation.FINAL_SUITE)
+        final_suite=None if args.no_final_eval else FROM_RECIPE)
 
 
 if __name__ == "__main__":

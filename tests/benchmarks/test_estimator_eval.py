@@ -70,7 +70,8 @@ def test_iou():
 TINY = ee.Config(tasks=("needle_single",), methods=(
     "dense", "streaming", "topk 2% (oracle)", "vattention e=d=0.05",
     "vattention simhash e=d=0.05", "linear hash 2% (untrained)"), instances=3,
-    attention_instances=1, queries=2, seeds=2, batch=3)
+    attention_instances=1, queries=2, seeds=2, batch=3,
+    curve_queries=0)  # the curves: test_eval_at_length
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def test_checkpoint_with_a_tokenizer(tmp_path):
     assert enc.tokens[row, 0] != inst.tokens[0] or inst.tokens[0] == 0  # not the bytes
   cfg = ee.Config(model=str(folder), tasks=("needle_single",), methods=("dense", "streaming"),
                   length=512, instances=2, attention_instances=2, queries=2, batch=2,
-                  dense_layers=())
+                  dense_layers=(), curve_queries=0)
   rows = ee.summarize(ee.run(cfg, progress=False))
   assert max(rows["dense"]["err_layer"]) < 1e-5
   assert 0.0 <= rows["streaming"]["accuracy"]["needle_single"] <= 1.0

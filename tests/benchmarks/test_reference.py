@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 
@@ -69,6 +70,14 @@ def test_answers_are_where_the_mask_says(length, seed, corpus):
         top = answer.split()
         ranked = sorted(counts.values(), reverse=True)
         assert [counts[w] for w in top] == ranked[:3] and ranked[2] > ranked[3]
+      elif task == "frequent_word":  # the answer out-counts every other word
+        counts = collections.Counter(text[:line_start].split())
+        (first, c1), (_, c2) = counts.most_common(2)
+        assert answer == first and c1 > c2
+      elif task == "count_marked":  # the digit is the number of "[key]" before the question
+        key = prefix[len(b"?count["):-len(b"]=")]
+        assert 1 <= int(answer) <= 9 and text[:line_start].count(b"[" + key + b"]") == int(
+            answer)
       elif task == "variable_tracking":
         chain = [prefix[1:]] + [answer[i:i + tasks.KEY_LETTERS]
                                 for i in range(0, len(answer), tasks.KEY_LETTERS)]
