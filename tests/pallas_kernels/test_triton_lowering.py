@@ -21,6 +21,7 @@ from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
 from pallas_kernels import kept_positions as kp
 from pallas_kernels import pack_signs as ps
+from pallas_kernels import poisson_positions as pp
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
 from pallas_kernels import table_match_counts as tmc
@@ -108,3 +109,11 @@ def test_kept_positions_lowers_to_a_prefix_sum_and_a_scattered_store(as_gpu, cap
       jnp.zeros((1, 2, 1000), jnp.int32), jnp.array([1000], jnp.int32),
       jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), blocks, blocks)
   assert "tt.scan" in text and "tt.store" in text
+
+
+def test_poisson_positions_lowers_with_integer_hashing_and_masks_the_edge(as_gpu, capsys):
+  text = triton_module(capsys, lambda p, s, f: pp.poisson_positions_kernel(
+      p, s, f, size=64, block=256), jnp.zeros((1, 2, 1000), jnp.float32),
+      jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, 2), bool))
+  assert "tt.scan" in text and "arith.muli" in text and "arith.shrui" in text
+  assert masked(text, "tt.load") >= 2  # both passes mask the partial last block
