@@ -9,8 +9,10 @@ never stored. For fixed ``seed_r`` the hash is a bijection of the position: no t
 of a row share their bits.
 
 *Fallback* rows (``fallback``: a fixed-rate uniform sample that must not come back empty)
-that keep nothing keep instead the token of smallest hash among those with
-:math:`0 < \pi < 1` (uniformly distributed among them, given that none was kept).
+also keep their token of smallest hash among those with :math:`0 < \pi < 1`. Where those
+tokens share one probability (a uniform rate) that changes only an empty draw, since the
+smallest hash has the smallest uniform: it then keeps one token, uniformly distributed
+among them.
 
 Two passes over the probabilities: per block of ``block`` tokens, the kept count and the
 smallest such hash; then, from the prefix of the counts, each block writes its kept
@@ -78,8 +80,7 @@ def poisson_positions_reference(prob, seeds, fallback, size: int):
   bits = counter_bits(seeds[..., None], positions)
   kept = uniform(bits) < prob
   rest_min = jnp.min(jnp.where(_rest(prob), bits, jnp.uint32(_NONE)), axis=-1)
-  picking = fallback & ~jnp.any(kept, -1) & jnp.any(_rest(prob), -1)
-  kept = kept | (picking[..., None] & _rest(prob) & (bits == rest_min[..., None]))
+  kept = kept | (fallback[..., None] & _rest(prob) & (bits == rest_min[..., None]))
   slot = jnp.where(kept, jnp.cumsum(kept, -1, dtype=jnp.int32) - 1, size)
   slot = jnp.minimum(slot, size)
   return (written_reference(slot, jnp.broadcast_to(positions, prob.shape), size),
@@ -87,17 +88,20 @@ def poisson_positions_reference(prob, seeds, fallback, size: int):
           jnp.sum(kept, -1, dtype=jnp.int32))
 
 
-def _count_kernel(seed_ref, p_ref, c_ref, m_ref, *, block, capacity, masked):
+def _count_kernel(seed_ref, p_ref, c_ref, m_ref, k_ref, *, block, capacity, masked):
   # seed_ref: [1, 1] uint32; p_ref: [1, 1, block] float32; c_ref: [1, 1, 1] int32 (kept);
-  # m_ref: [1, 1, 1] uint32 (the smallest hash of a token with 0 < prob < 1)
+  # m_ref: [1, 1, 1] uint32 (the smallest hash of a token with 0 < prob < 1); k_ref:
+  # [1, 1, 1] int32 (1 if that token is kept)
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
   prob = backend.load(p_ref.at[0, 0, :], mask=inside, other=0.0, masked=masked)
   bits = counter_bits(seed_ref[0, 0], positions)
   kept = inside & (uniform(bits) < prob)
   c_ref[...] = jnp.sum(kept.astype(jnp.int32)).reshape(1, 1, 1)
-  m_ref[...] = jnp.min(jnp.where(inside & _rest(prob), bits, jnp.uint32(_NONE))).reshape(
-      1, 1, 1)
+  rest = inside & _rest(prob)
+  smallest = jnp.min(jnp.where(rest, bits, jnp.uint32(_NONE)))
+  m_ref[...] = smallest.reshape(1, 1, 1)
+  k_ref[...] = jnp.sum((kept & rest & (bits == smallest)).astype(jnp.int32)).reshape(1, 1, 1)
 
 
 def _write_kernel(seed_ref, pick_ref, picking_ref, kept_ref, p_ref, o_ref, lp_ref, *, block,
@@ -132,17 +136,20 @@ def poisson_positions_kernel(prob, seeds, fallback, size: int, block: int = BLOC
   per_row = pl.BlockSpec((1, 1), lambda b, r, j: (b, r))
   per_block = pl.BlockSpec((1, 1, 1), lambda b, r, j: (b, r, j))
   tokens = pl.BlockSpec((1, 1, block), lambda b, r, j: (b, r, j))
-  counts, mins = backend.pallas_call(
+  counts, mins, min_kept = backend.pallas_call(
       functools.partial(_count_kernel, block=block, capacity=capacity, masked=masked),
       out_shape=(jax.ShapeDtypeStruct((batch, rows, blocks), jnp.int32),
-                 jax.ShapeDtypeStruct((batch, rows, blocks), jnp.uint32)),
+                 jax.ShapeDtypeStruct((batch, rows, blocks), jnp.uint32),
+                 jax.ShapeDtypeStruct((batch, rows, blocks), jnp.int32)),
       grid=(batch, rows, blocks), in_specs=[per_row, tokens],
-      out_specs=(per_block, per_block), interpret=interpret,
+      out_specs=(per_block, per_block, per_block), interpret=interpret,
       name="poisson_positions_count")(seeds, prob)
-  # A fallback row that kept nothing keeps its smallest hash (in the block that holds it).
+  # A fallback row also keeps its smallest hash: one more in the block that holds it, unless
+  # the draw kept it already.
   rest_min = jnp.min(mins, -1)
-  picking = fallback & (jnp.sum(counts, -1) == 0) & (rest_min != jnp.uint32(_NONE))
-  counts = counts + (picking[..., None] & (mins == rest_min[..., None])).astype(jnp.int32)
+  picking = fallback & (rest_min != jnp.uint32(_NONE))
+  at_min = mins == rest_min[..., None]
+  counts = counts + (picking[..., None] & at_min & (min_kept == 0)).astype(jnp.int32)
   kept_before = jnp.cumsum(counts, -1, dtype=jnp.int32) - counts
   row = pl.BlockSpec((1, 1, size + 1), lambda b, r, j: (b, r, 0))
   positions, log_prob = backend.pallas_call(

@@ -181,8 +181,9 @@ class Draw(NamedTuple):
 def poisson_draw(prob, seeds, size: int, fallback=None) -> Draw:
   r"""Token ``i`` of each row kept when :math:`u_i < \pi_i` (``prob [..., S]``), with the
   counter-based uniforms of ``pallas_kernels.poisson_positions`` under ``seeds uint32
-  [...]``: the same sample on every path. A ``fallback [...]`` row that keeps nothing keeps
-  its token of smallest hash among those with :math:`0 < \pi < 1`. The kernels
+  [...]``: the same sample on every path. A ``fallback [...]`` row also keeps its token
+  of smallest hash among those with :math:`0 < \pi < 1` (at a uniform rate: one token,
+  where the draw kept none of them). The kernels
   (a counting pass, a writing pass) where they are used; else the jnp predicate and
   ``selection.compact``.
   """
@@ -203,8 +204,7 @@ def poisson_draw(prob, seeds, size: int, fallback=None) -> Draw:
     kept = poisson_positions.uniform(bits) < prob
     rest = (prob > 0.0) & (prob < 1.0)
     rest_min = jnp.min(jnp.where(rest, bits, jnp.uint32(0xFFFFFFFF)), -1)
-    picking = fallback & ~jnp.any(kept, -1) & jnp.any(rest, -1)
-    kept = kept | (picking[..., None] & rest & (bits == rest_min[..., None]))
+    kept = kept | (fallback[..., None] & rest & (bits == rest_min[..., None]))
     count = jnp.sum(kept, -1, dtype=jnp.int32)
     positions, mask, _ = selection.compact(kept, size)
     log_prob = jnp.log(jnp.take_along_axis(prob, positions, -1))

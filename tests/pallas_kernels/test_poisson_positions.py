@@ -17,6 +17,7 @@ def problem(dtype=jnp.float32):
   prob[0, 0] = 0.0
   prob[0, 0, 100:200] = 1e-6  # almost surely keeps nothing: the fallback picks one
   prob[0, 1] = prob[0, 0]  # the same without a fallback: nothing
+  prob[0, 2, 500:520] = 1.0  # a fallback row with certain tokens: it picks one beside them
   prob[1, 1, :50] = 1.0  # certain tokens beside a sample
   prob[1, 2] = 0.5  # ~666 kept: past a list of 100
   seeds = rng.integers(0, 2**32, (2, 3), dtype=np.uint64).astype(np.uint32)
@@ -42,7 +43,7 @@ def test_kernel_equals_reference(dtype, size, block):
   u = np.asarray(pp.uniform(pp.counter_bits(seeds[..., None], jnp.arange(1333)[None, None])),
                  np.float64)
   kept = u < p64
-  for i in [(0, 2), (1, 0), (1, 1), (1, 2)]:
+  for i in [(1, 0), (1, 1), (1, 2)]:
     pos = np.flatnonzero(kept[i])
     assert count[i] == len(pos)
     n = min(len(pos), size)
@@ -51,6 +52,14 @@ def test_kernel_equals_reference(dtype, size, block):
   # The fallback row keeps the token of smallest hash among those with 0 < prob < 1.
   bits = np.asarray(pp.counter_bits(seeds[0, 0], jnp.arange(1333)))
   assert int(want[0][0, 0, 0]) == 100 + int(np.argmin(bits[100:200]))
+  # Beside its draw, a fallback row keeps its smallest hash of 0 < prob < 1 (once).
+  rest = (p64[0, 2] > 0) & (p64[0, 2] < 1)
+  bits = np.asarray(pp.counter_bits(seeds[0, 2], jnp.arange(1333)))
+  pick = np.flatnonzero(rest)[np.argmin(bits[rest])]
+  pos = np.flatnonzero(kept[0, 2] | (np.arange(1333) == pick))
+  assert count[0, 2] == len(pos) and set(range(500, 520)) <= set(pos)
+  np.testing.assert_array_equal(np.asarray(want[0])[0, 2][:min(len(pos), size)],
+                                pos[:size])
 
 
 def test_counter_bits_are_a_bijection_of_the_position():
