@@ -144,6 +144,12 @@ def check_equal(interpret: bool) -> list[dict]:
   rows.append({"kernel": "kept_positions", "dtype": "uint32 (int32 positions)",
                "max_diff": attempt(kept_diff)})
   rows += poisson_rows(rng, interpret)
+  lengths = jnp.array([1000, 333], jnp.int32)
+  rows.append({"kernel": "hamming_similarity", "dtype": "uint32 (int32 similarities)",
+               "max_diff": attempt(lambda: max_diff(
+                   hs.hamming_similarity_kernel(q, k, lengths, 128, hs.BlockSizes(tokens=256),
+                                                interpret=interpret),
+                   hs.hamming_similarity_reference(q, k, lengths, 128)))})
   for row in rows:
     tolerance = 0 if row["dtype"].startswith("uint") else 1e-4
     row["ok"] = not isinstance(row["max_diff"], str) and row["max_diff"] <= tolerance

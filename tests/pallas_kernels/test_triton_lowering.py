@@ -127,11 +127,21 @@ def test_vattention_step_lowers_for_cuda_with_its_kernels():
   from benchmarks import step_anatomy
   module = step_anatomy.lowered_step(step_anatomy.methods()["vattention_simhash"](), 2, 4096)
   got = step_anatomy.anatomy(module, 2 * step_anatomy.KV_HEADS * 4096)
-  assert got["custom_calls"] == {"poisson_positions_count": 2, "poisson_positions": 2,
-                                 "sparse_decode_attention": 1}, got["custom_calls"]
+  assert got["custom_calls"] == {"hamming_similarity": 1, "poisson_positions_count": 2,
+                                 "poisson_positions": 2, "sparse_decode_attention": 1}, (
+                                     got["custom_calls"])
   threefry = [line for line in module.splitlines() if "call @threefry" in line]
   assert threefry and all(  # only per-row seeds: no random bits per token
       n < 4096 for line in threefry for n, _ in step_anatomy._tensors(line)), threefry
   dense = step_anatomy.anatomy(step_anatomy.lowered_step(sa.dense(), 2, 4096),
                                2 * step_anatomy.KV_HEADS * 4096)
   assert dense["custom_calls"] == {"decode_attention": 1} and dense["sorts"] == 0
+
+
+def test_hamming_similarity_lowers_without_ctpop_and_masks_the_edge(as_gpu, capsys):
+  q = jnp.zeros((1, 8, 4), jnp.uint32)
+  k = jnp.zeros((1, 2, 1000, 4), jnp.uint32)  # 1000 is not a multiple of the 256 block
+  text = triton_module(capsys, lambda q, k, n: hs.hamming_similarity_kernel(
+      q, k, n, 128, hs.BlockSizes(tokens=256)), q, k, jnp.array([1000], jnp.int32))
+  assert "ctpop" not in text
+  assert masked(text, "tt.load") >= 4 and masked(text, "tt.store") == 4  # one per query
