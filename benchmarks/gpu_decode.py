@@ -17,9 +17,9 @@ Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by
 by ``lax.top_k``, by score histograms and by the kept-positions kernel; Spotlight without
 its append; vAttention with the SimHash proposal (``vattention_simhash``: epsilon = delta =
 0.05, output guarantee); ``*_kept`` variants select (and draw) with the kernels not yet
-verified on a device (``backend.PENDING``). ``--methods`` lists the variants run (the dense kernel's block-size
-sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json`` after
-every row (a run cut short still reports).
+verified on a device (``backend.PENDING``). ``--methods`` lists the variants run (the
+dense kernel's block-size sweep of the first device run: ``DENSE_VARIANTS``). Results are
+written to ``--json`` after every row (a run cut short still reports).
 
   python -m benchmarks.gpu_decode --json $OUT/gpu_decode.json          # on the device
   python -m benchmarks.gpu_decode --small                              # CPU smoke test
