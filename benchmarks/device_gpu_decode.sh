@@ -5,8 +5,9 @@
 #  1. benchmarks.device_kernels: every Pallas kernel compiled against its jnp reference;
 #  2. benchmarks.cpu_gpu_equal: the GPU path selects what the CPU path selects;
 #  3. benchmarks.torch_flash_decode: torch SDPA decode (the peer) and the copy bandwidth;
-#  4. benchmarks.gpu_decode: decode steps in a compiled loop, dense and sparse, and
-#     retrieval (scores + selection) alone;
+#  4. benchmarks.gpu_decode: decode steps in a compiled loop, dense and sparse (vAttention's
+#     SimHash proposal last: vattention_simhash_kept, vattention_simhash), and retrieval
+#     (scores + selection) alone;
 #  5. benchmarks.model_decode_loop: end-to-end tokens/s of a Llama-3.1-8B-shaped model
 #     (random weights), 128K context, batch 8, dense against Spotlight in every layer.
 # Knobs: KERNEL_ARGS (e.g. --no-timings), SKIP_TORCH=1, DECODE_TIMEOUT, DECODE_ARGS (e.g.

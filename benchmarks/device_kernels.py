@@ -32,6 +32,7 @@ from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import kept_positions as kp
+from pallas_kernels import poisson_positions as pp
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
 from pallas_kernels import table_match_counts as tmc
@@ -156,10 +157,45 @@ def check_equal(interpret: bool) -> list[dict]:
 
   rows.append({"kernel": "kept_positions", "dtype": "uint32 (int32 positions)",
                "max_diff": attempt(kept_diff)})
+  rows += poisson_rows(rng, interpret)
+  lengths = jnp.array([1000, 333], jnp.int32)
+  rows.append({"kernel": "hamming_similarity", "dtype": "uint32 (int32 similarities)",
+               "max_diff": attempt(lambda: max_diff(
+                   hs.hamming_similarity_kernel(q, k, lengths, 128, hs.BlockSizes(tokens=256),
+                                                interpret=interpret),
+                   hs.hamming_similarity_reference(q, k, lengths, 128)))})
   for row in rows:
     tolerance = 0 if row["dtype"].startswith("uint") else 1e-4
     row["ok"] = not isinstance(row["max_diff"], str) and row["max_diff"] <= tolerance
   return rows
+
+
+def poisson_rows(rng, interpret: bool) -> list[dict]:
+  """``poisson_positions`` against its reference: the kept positions and counts (exact: the
+  uniforms are integer hashes) and their log-probabilities (the kernel's ``log``)."""
+  prob = rng.random((3, 2, 1000)) * 0.1
+  prob[0, 0] = 0.0
+  prob[0, 0, 10:50] = 1e-6  # a fallback row that almost surely draws nothing
+  prob[1, 1, :30] = 1.0
+  args = (jnp.asarray(prob, jnp.float32),
+          jnp.asarray(rng.integers(0, 2**32, (3, 2), dtype=np.uint64).astype(np.uint32)),
+          jnp.asarray([[True, False], [True, True], [False, True]]))
+  size = 128
+  out = {}
+
+  def diffs():
+    got = pp.poisson_positions_kernel(*args, size, block=256, interpret=interpret)
+    want = pp.poisson_positions_reference(*args, size)
+    slots = jnp.arange(size)[None, None, :] < jnp.minimum(want[2], size)[..., None]
+    out["log_prob"] = max_diff(jnp.where(slots, got[1], 0.0), jnp.where(slots, want[1], 0.0))
+    return max(max_diff(got[2], want[2]),
+               max_diff(jnp.where(slots, got[0], 0), jnp.where(slots, want[0], 0)))
+
+  positions = attempt(diffs)
+  return [{"kernel": "poisson_positions", "dtype": "uint32 (int32 positions and counts)",
+           "max_diff": positions},
+          {"kernel": "poisson_positions", "dtype": "float32 (log-probabilities)",
+           "max_diff": out.get("log_prob", positions)}]
 
 
 def dense_xla(q, keys, values, implementation=None):

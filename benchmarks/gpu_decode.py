@@ -15,10 +15,11 @@ timed by ``benchmarks/torch_flash_decode.py`` in the same device run.
 
 Also: retrieval alone (Hamming scores + selection of the top 2%) by counting, by bisection,
 by ``lax.top_k``, by score histograms and by the kept-positions kernel; Spotlight without
-its append; ``*_kept`` variants select with the kernels not yet verified on a device
-(``backend.PENDING``). ``--methods`` lists the variants run (the dense kernel's block-size
-sweep of the first device run: ``DENSE_VARIANTS``). Results are written to ``--json`` after
-every row (a run cut short still reports).
+its append; vAttention with the SimHash proposal (``vattention_simhash``: epsilon = delta =
+0.05, output guarantee); ``*_kept`` variants select (and draw) with the kernels not yet
+verified on a device (``backend.PENDING``). ``--methods`` lists the variants run (the
+dense kernel's block-size sweep of the first device run: ``DENSE_VARIANTS``). Results are
+written to ``--json`` after every row (a run cut short still reports).
 
   python -m benchmarks.gpu_decode --json $OUT/gpu_decode.json          # on the device
   python -m benchmarks.gpu_decode --small                              # CPU smoke test
@@ -87,6 +88,12 @@ def methods(params, which) -> dict:
       est = make()
       every[name + suffix] = (est, lambda q, c, i, k, est=est: est.attend(q, c, i, k).out,
                               patch)
+  # vAttention, SimHash proposal (1024 bits), output guarantee at epsilon = delta = 0.05;
+  # "_kept": with the kernels not yet verified (its draws by poisson_positions).
+  for suffix, patch in (("", no_patch), ("_kept", pending)):
+    est = sa.vattention_importance(0.05, 0.05, guarantee="output")
+    every["vattention_simhash" + suffix] = (
+        est, lambda q, c, i, k, est=est: est.attend(q, c, i, k).out, patch)
   # Attend alone (the tokens written during the loop stay unhashed): the append's cost is
   # the difference.
   est = estimators["spotlight"]()
@@ -253,7 +260,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--methods", default="dense_pallas_p256,spotlight,spotlight_kept,"
                       "topk_simhash,topk_simhash_kept,spotlight_noappend,dense_pallas,"
-                      "dense_nn_cudnn")
+                      "dense_nn_cudnn,vattention_simhash_kept,vattention_simhash")
   parser.add_argument("--configs", default="131072x1,131072x8,524288x1",
                       help="comma-separated LENGTHxBATCH")
   parser.add_argument("--retrieval-tokens", default="131072,524288")

@@ -2,6 +2,8 @@
 
 ``scores[b, h, s] = sum_g (D - popcount(q[b, h*G + g] ^ k[b, h, s]))`` for ``s < length[b]``
 and ``-1`` past it (below every real score). Padding bits past ``D`` are 0 in both codes.
+``hamming_similarity``: the same per query (``[B, Hkv, G, S]``, not summed), each key block
+read once for its group (SimHash's per-query ranking and vAttention's proxies).
 """
 
 from __future__ import annotations
@@ -105,6 +107,68 @@ def _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret):
       interpret=interpret, name="hamming_scores")(
           length.reshape(batch, 1, 1), q_codes.reshape(batch * num_kv, group, words), k_codes)
   return out.reshape(batch, num_kv, capacity)
+
+
+def hamming_similarity_reference(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
+                                 bits: int) -> jax.Array:
+  """Per query, not summed over the group: ``q_codes [B, Hq, W]``, ``k_codes [B, Hkv, S,
+  W]``, ``length int32 [B]`` -> ``int32 [B, Hkv, G, S]``, ``bits - popcount(q ^ k)``, and
+  ``-1`` at or past ``length``."""
+  batch, num_q, words = q_codes.shape
+  num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
+  qg = q_codes.reshape(batch, num_kv, num_q // num_kv, 1, words)
+  diff = jnp.bitwise_xor(qg, k_codes[:, :, None, :, :])
+  scores = bits - jnp.sum(jax.lax.population_count(diff), axis=-1, dtype=jnp.int32)
+  positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+  return jnp.where(positions < length[:, None, None, None], scores, -1)
+
+
+def _per_query_kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, bits, block, capacity,
+                      masked):
+  # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
+  # o_ref: [1, 1, group, block] int32: each key block read once for the whole group
+  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
+  inside = positions < capacity
+  mismatches = [jnp.zeros((block,), jnp.int32) for _ in range(group)]
+  for w in range(words):
+    column = backend.load(k_ref.at[0, 0, :, w], mask=inside, other=0, masked=masked)
+    for g in range(group):
+      mismatches[g] += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
+  hashed = positions < len_ref[0]
+  for g in range(group):
+    backend.store(o_ref.at[0, 0, g, :], jnp.where(hashed, bits - mismatches[g], -1),
+                  mask=inside, masked=masked)
+
+
+@functools.partial(jax.jit, static_argnames=["bits", "block_sizes", "interpret"])
+def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
+                              bits: int, block_sizes: BlockSizes = BlockSizes(),
+                              interpret: bool | None = None) -> jax.Array:
+  """The Pallas kernel of ``hamming_similarity_reference`` (grid over batch, KV head and
+  token blocks). GPU (Triton) and interpret mode; no TPU layout (the reference there)."""
+  batch, num_q, words = q_codes.shape
+  num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
+  group = num_q // num_kv
+  block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
+  return backend.pallas_call(
+      functools.partial(_per_query_kernel, group=group, words=words, bits=bits, block=block,
+                        capacity=capacity, masked=backend.masks_edges(interpret)),
+      out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, capacity), jnp.int32),
+      grid=(batch, num_kv, pl.cdiv(capacity, block)),
+      in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
+                pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
+                pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
+      out_specs=pl.BlockSpec((1, 1, group, block), lambda b, h, s: (b, h, 0, s)),
+      interpret=interpret, name="hamming_similarity")(length.astype(jnp.int32), q_codes,
+                                                      k_codes)
+
+
+def hamming_similarity(q_codes, k_codes, length, bits: int) -> jax.Array:
+  """Per-query similarities with the kernel where ``backend.use_kernels`` enables it (not
+  on a TPU), else the reference."""
+  if backend.use_kernels("hamming_similarity") and not backend.mosaic_layout(None):
+    return hamming_similarity_kernel(q_codes, k_codes, length, bits)
+  return hamming_similarity_reference(q_codes, k_codes, length, bits)
 
 
 def hamming_scores(q_codes, k_codes, length, head_dim: int) -> jax.Array:

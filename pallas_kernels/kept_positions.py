@@ -48,11 +48,25 @@ def kept_positions_reference(scores, length, threshold, need, ties_before, kept_
   tie_rank = ties_before[..., blocks] + in_block(padded(tie.astype(jnp.int32)))[..., :capacity]
   kept = eligible & ((scores > threshold[..., None]) | (tie & (tie_rank <= need[..., None])))
   rank = kept_before[..., blocks] + in_block(padded(kept.astype(jnp.int32)))[..., :capacity]
-  slot = jnp.where(kept, rank - 1, size)
-  out = jnp.zeros(scores.shape[:2] + (size + 1,), jnp.int32)
-  out = jax.vmap(jax.vmap(lambda o, s, p: o.at[s].set(p)))(
-      out, slot, jnp.broadcast_to(positions, scores.shape))
+  return written_reference(jnp.where(kept, rank - 1, size),
+                           jnp.broadcast_to(positions, scores.shape), size)
+
+
+def written_reference(slot, values, size: int):
+  """``values [B, H, S]`` written to their ``slot [B, H, S]`` of ``[B, H, size]`` (slot
+  ``size``: not written); unwritten slots hold 0."""
+  out = jnp.zeros(slot.shape[:2] + (size + 1,), values.dtype)
+  out = jax.vmap(jax.vmap(lambda o, s, v: o.at[s].set(v)))(out, slot, values)
   return out[..., :size]
+
+
+def kept_slots(kept, kept_before, size: int):
+  """In a kernel: the slot of each token of a block, ``kept_before`` plus its rank among the
+  block's kept tokens (a prefix sum), or ``size`` (the spare slot) for the others and for
+  kept tokens past the list; one scattered store of each output to these slots writes the
+  kept tokens in order."""
+  rank = kept_before + jnp.cumsum(kept.astype(jnp.int32))
+  return jnp.where(kept, jnp.minimum(rank - 1, size), size)
 
 
 def _kernel(len_ref, t_ref, need_ref, ties_ref, kept_ref, s_ref, o_ref, *, block, size, sinks,
@@ -68,8 +82,7 @@ def _kernel(len_ref, t_ref, need_ref, ties_ref, kept_ref, s_ref, o_ref, *, block
   tie = eligible & (s == threshold)
   tie_rank = ties_ref[0, 0, 0] + jnp.cumsum(tie.astype(jnp.int32))  # 1-based
   kept = eligible & ((s > threshold) | (tie & (tie_rank <= need_ref[0, 0])))
-  rank = kept_ref[0, 0, 0] + jnp.cumsum(kept.astype(jnp.int32))
-  o_ref[0, 0, jnp.where(kept, rank - 1, size)] = positions
+  o_ref[0, 0, kept_slots(kept, kept_ref[0, 0, 0], size)] = positions
 
 
 def _tpu_kernel(len_ref, t_ref, need_ref, ties_ref, kept_ref, s_ref, o_ref, *, block, size,

@@ -178,7 +178,7 @@ def vattention_importance(
       size = importance.list_size(density, capacity)
     sample = importance.residual_estimate(
         q, cache, p, residual, policy, importance.proposal(policy, weights_by_tau, mix), limit,
-        key_final, size)
+        key_final, size, oversample=density is None)
     # The exact expected size above the base's estimate (c lowered) is a clip too.
     clipped = policy.clipped | (sample.lowered & (density is None)) | (sample.overflow > 0)
     out, lse = combine_lse([out_f, sample.out], [lse_f, sample.lse])

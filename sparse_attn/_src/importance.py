@@ -39,7 +39,8 @@ scale by the least-squares line through the base (``calibrated``).
 
 **The draw.** ``residual_estimate`` lowers :math:`c` until a Poisson head's exact expected
 size is within the limit (a clip under ``(epsilon, delta)``), so the static list does not
-overflow.
+overflow. Every draw (base and final) is a Poisson draw by counter-based uniforms
+(``poisson_draw``): the CPU path and the kernels draw the same sample, without a sort.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import backend, poisson_positions
 from sparse_attn._src import selection
 from sparse_attn.attention import attend_rows
 
@@ -158,10 +160,56 @@ def base_sample(key, a, residual, want, size: int, certain=None):
     got = jnp.sum(jnp.where(capped, 1.0, c * a), -1, keepdims=True)
     slope = jnp.sum(jnp.where(capped, 0.0, a), -1, keepdims=True)
     c = c + jnp.where(slope > 0, (want[..., None] - got) / jnp.where(slope > 0, slope, 1.0), 0.0)
-  rho = jnp.where(certain, 1.0, jnp.minimum(1.0, c * a))
-  u = jax.random.uniform(key, a.shape)
-  positions, mask, overflow = selection.compact(residual & (u < rho), size)
-  return positions, mask, jnp.take_along_axis(rho, positions, -1), overflow
+  rho = jnp.where(residual, jnp.where(certain, 1.0, jnp.minimum(1.0, c * a)), 0.0)
+  draw = poisson_draw(rho, jax.random.bits(key, rho.shape[:-1], jnp.uint32), size)
+  return draw.positions, draw.mask, jnp.exp(draw.log_prob), draw.overflow
+
+
+class Draw(NamedTuple):
+  r"""A Poisson draw in a static list (``poisson_draw``): ``positions, mask, log_prob``
+  ``[..., size]`` (the kept tokens ascending, a prefix of the list, and their
+  :math:`\log \pi`); ``count [...]`` every kept token, ``overflow [...]`` those that did
+  not fit."""
+
+  positions: jax.Array
+  mask: jax.Array
+  log_prob: jax.Array
+  count: jax.Array
+  overflow: jax.Array
+
+
+def poisson_draw(prob, seeds, size: int, fallback=None) -> Draw:
+  r"""Token ``i`` of each row kept when :math:`u_i < \pi_i` (``prob [..., S]``), with the
+  counter-based uniforms of ``pallas_kernels.poisson_positions`` under ``seeds uint32
+  [...]``: the same sample on every path. A ``fallback [...]`` row also keeps its token
+  of smallest hash among those with :math:`0 < \pi < 1` (at a uniform rate: one token,
+  where the draw kept none of them). The kernels
+  (a counting pass, a writing pass) where they are used; else the jnp predicate and
+  ``selection.compact``.
+  """
+  lead, capacity = prob.shape[:-1], prob.shape[-1]
+  fallback = jnp.zeros(lead, bool) if fallback is None else jnp.broadcast_to(fallback, lead)
+  if backend.use_kernels("poisson_positions") and not backend.mosaic_layout(None):
+    flat = lambda x: x.reshape((lead[0], -1) + x.shape[len(lead):])  # noqa: E731
+    positions, log_prob, count = poisson_positions.poisson_positions_kernel(
+        flat(prob), flat(seeds), flat(fallback), size)
+    positions, log_prob, count = (x.reshape(lead + x.shape[2:]) for x in (
+        positions, log_prob, count))
+    mask = jnp.arange(size, dtype=jnp.int32).reshape((1,) * len(lead) + (size,)) < (
+        jnp.minimum(count, size)[..., None])
+    positions = jnp.where(mask, positions, 0)  # legal positions, as compact's
+  else:
+    pos = jnp.arange(capacity, dtype=jnp.int32).reshape((1,) * len(lead) + (capacity,))
+    bits = poisson_positions.counter_bits(seeds[..., None], pos)
+    kept = poisson_positions.uniform(bits) < prob
+    rest = (prob > 0.0) & (prob < 1.0)
+    rest_min = jnp.min(jnp.where(rest, bits, jnp.uint32(0xFFFFFFFF)), -1)
+    kept = kept | (fallback[..., None] & rest & (bits == rest_min[..., None]))
+    count = jnp.sum(kept, -1, dtype=jnp.int32)
+    positions, mask, _ = selection.compact(kept, size)
+    log_prob = jnp.log(jnp.take_along_axis(prob, positions, -1))
+  return Draw(positions, mask, jnp.where(mask, log_prob, 0.0), count,
+              jnp.maximum(count - size, 0))
 
 
 def defended(a, mean_a, mix):
@@ -198,7 +246,8 @@ class ResidualSample(NamedTuple):
   lowered: jax.Array
 
 
-def residual_estimate(q, cache, p, residual, policy, a, limit, key, size: int):
+def residual_estimate(q, cache, p, residual, policy, a, limit, key, size: int,
+                      oversample: bool = True):
   """Fits a Poisson head's expected size, draws the residual sample by the policy and
   attends over it.
 
@@ -207,16 +256,20 @@ def residual_estimate(q, cache, p, residual, policy, a, limit, key, size: int):
   is concave in ``c`` with ``E(0) = k`` (the top part), so ``c <- c (limit - k) / (E(c) -
   k)`` never undershoots; three steps.
 
-  One list for both kinds of head: a Poisson head keeps token ``i`` when ``u_i < pi_i``; a
-  uniform head first keeps the top part and every other token with ``u_i`` below an
-  oversampling rate (``b`` plus 5 standard deviations: fewer than ``b`` has probability
-  ~3e-7, and is counted in ``overflow``), then, of the others, the ``b`` with the smallest
-  ``u``: exactly a uniform sample of ``b`` without replacement.
+  One Poisson draw for both kinds of head (``poisson_draw``, no sort): a Poisson head keeps
+  token ``i`` when ``u_i < pi_i`` (weight ``1 / pi_i``); a uniform head keeps its top part
+  and each other token at the rate ``r = (b + sqrt(b)) / n_r`` (``oversample``; else
+  ``b / n_r``). Given its size ``m``, that draw is a uniform sample of ``m`` without
+  replacement, weighted ``n_r / m``; an empty draw keeps the token of smallest hash, a
+  uniform sample of 1 (``docs/importance.md``: exactly unbiased, and the guarantee at
+  ``b`` holds on average over ``m``).
 
   Args:
     p: ``[B, Hkv, G, S]`` proxies; ``residual``: bool, same shape.
     policy: from ``split_policy.choose``; ``a``: from ``proposal``.
     size: the static list size.
+    oversample: the uniform heads' rate ``(b + sqrt(b)) / n_r`` (under a guarantee), else
+      ``b / n_r`` (a fixed density).
 
   Returns:
     A ``ResidualSample``.
@@ -233,33 +286,25 @@ def residual_estimate(q, cache, p, residual, policy, a, limit, key, size: int):
   lowered = log_c < policy.log_c
   pi = inclusion(above, a, log_c)
   b = policy.size
-  rest = jnp.maximum(policy.rest, 1.0)
-  oversample = jnp.minimum(1.0, (b + 5.0 * jnp.sqrt(b) + 10.0) / rest)
+  n_r = jnp.sum(residual & ~above, -1).astype(jnp.float32)  # the rest, below the threshold
+  rate = jnp.minimum(1.0, (b + (jnp.sqrt(b) if oversample else 0.0)) / jnp.maximum(n_r, 1.0))
   uniform = policy.uniform[..., None]
-  draw = jnp.where(uniform, jnp.where(above, 1.0, oversample[..., None]), pi)
-  u = jax.random.uniform(key, p.shape)
-  positions, mask, overflow = selection.compact(residual & (u < draw), size)
-  above_at = jnp.take_along_axis(above, positions, -1)
-  # Uniform heads: the top part, and the b listed others of smallest u (slots of the list).
-  others = mask & ~above_at
-  slots, chosen = selection.top(-jnp.take_along_axis(u, positions, -1), others, size,
-                                b.astype(jnp.int32)[..., None])
-  picked = (mask & above_at) | selection.positions_mask(slots, chosen, size)
-  kept, _, _ = selection.compact(picked, size)
-  slot = jnp.arange(size, dtype=jnp.int32).reshape((1,) * (kept.ndim - 1) + (size,))
-  kept = jnp.where(uniform, kept, slot)  # slots, in order
-  count = jnp.where(policy.uniform, jnp.sum(picked, -1), jnp.sum(mask, -1))
-  # The valid entries form a prefix of the list (attend_rows reads the first `count`).
-  positions, above_at = (jnp.take_along_axis(x, kept, -1) for x in (positions, above_at))
-  mask = slot < count[..., None]
-  short = jnp.maximum(b.astype(jnp.int32) - jnp.sum(others, -1), 0)  # too few drawn
-  overflow = jnp.where(policy.uniform, short + overflow, overflow)
-  log_pi = jnp.where(uniform, jnp.where(above_at, 0.0, jnp.log(jnp.maximum(b / rest, 1e-30))[
-      ..., None]), jnp.log(jnp.take_along_axis(pi, positions, axis=-1)))
-  out, lse = attend_rows(q, cache, positions, jnp.sum(mask, -1, dtype=jnp.int32), log_pi)
-  expected = jnp.where(policy.uniform, top.astype(jnp.float32) + b,
+  prob = jnp.where(residual, jnp.where(uniform, jnp.where(above, 1.0, rate[..., None]), pi),
+                   0.0)
+  draw = poisson_draw(prob, jax.random.bits(key, p.shape[:-1], jnp.uint32), size,
+                      fallback=policy.uniform)
+  # Uniform heads: given its size m, the rest's draw is a uniform sample of m without
+  # replacement: weight n_r / m (log_prob < 0: drawn at the rate, not certain).
+  drawn = draw.mask & (draw.log_prob < 0.0)
+  m = jnp.sum(drawn, -1).astype(jnp.float32)
+  log_w = jnp.where(uniform & drawn, jnp.log(jnp.maximum(m, 1.0) / jnp.maximum(n_r, 1.0))[
+      ..., None], draw.log_prob)
+  out, lse = attend_rows(q, cache, draw.positions, jnp.sum(draw.mask, -1, dtype=jnp.int32),
+                         log_w)
+  expected = jnp.where(policy.uniform, top.astype(jnp.float32) + rate * n_r,
                        jnp.sum(jnp.where(residual, pi, 0.0), -1))
-  return ResidualSample(out, lse, positions, mask, top, overflow, expected, lowered)
+  return ResidualSample(out, lse, draw.positions, draw.mask, top, draw.overflow, expected,
+                        lowered)
 
 
 def list_size(fraction: float, capacity: int) -> int:

@@ -10,6 +10,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import hamming_scores as pallas_hamming
 from sparse_attn import hash_heads, lsh
 from sparse_attn._src import key_index
 from sparse_attn.attention import row_scores
@@ -160,8 +161,12 @@ def simhash_scorer(bits: int, sinks: int, local: int, append_chunk: int,
 
   def scores(qg, cache, state):
     q_codes = lsh.simhash(qg, state.planes, 32, words)  # [B, Hkv, G, W]
-    return rank_unhashed_last(hash_heads.hamming_similarity(q_codes, state.codes, bits),
-                              state.length)
+    # Tokens not hashed yet (at or past state.length) score -1 (rank_unhashed_last); the
+    # kernel reads each key's code once for its group.
+    batch, num_kv, group, _ = q_codes.shape
+    return pallas_hamming.hamming_similarity(q_codes.reshape(batch, num_kv * group, words),
+                                             state.codes, state.length, bits).reshape(
+                                                 batch, num_kv, group, -1)
 
   append = code_appender(derive, append_chunk)
   return Scorer(init, append, scores, reads_all_keys=False,

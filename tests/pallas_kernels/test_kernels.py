@@ -27,6 +27,25 @@ def test_pack_signs_reference_bit_layout():
   assert words.tolist() == [(1 << 0) | (1 << 5) | (1 << 31), (1 << 0) | (1 << 7)]
 
 
+@pytest.mark.parametrize("group,dim,capacity,block", [(4, 1024, 300, 64), (3, 40, 97, 32)])
+def test_hamming_similarity_kernel_equals_reference_per_query(group, dim, capacity, block):
+  kq, kk = jax.random.split(jax.random.PRNGKey(group + 7))
+  q = ps.pack_signs_reference(jax.random.normal(kq, (2, 2 * group, dim)))
+  k = ps.pack_signs_reference(jax.random.normal(kk, (2, 2, capacity, dim)))
+  length = jnp.array([capacity, capacity // 3], jnp.int32)
+  got = hs.hamming_similarity_kernel(q, k, length, dim, hs.BlockSizes(tokens=block),
+                                     interpret=True)
+  want = hs.hamming_similarity_reference(q, k, length, dim)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # The reference against numpy bit counting; -1 past the length.
+  bits = lambda c: np.unpackbits(np.asarray(c).view(np.uint8), axis=-1, bitorder="little")[  # noqa: E731
+      ..., :dim]
+  qb, kb = bits(q).reshape(2, 2, group, dim), bits(k)
+  matches = (qb[:, :, :, None, :] == kb[:, :, None, :, :]).sum(-1)
+  matches[1, :, :, capacity // 3:] = -1
+  np.testing.assert_array_equal(np.asarray(want), matches)
+
+
 @pytest.mark.parametrize("group,dim,capacity,block", [(4, 128, 300, 64), (3, 40, 97, 32),
                                                       (1, 64, 1000, 512)])
 def test_hamming_scores_kernel_equals_reference(group, dim, capacity, block):

@@ -16,11 +16,13 @@ from jax import export
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+import sparse_attn as sa
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
 from pallas_kernels import hamming_scores as hs
 from pallas_kernels import kept_positions as kp
 from pallas_kernels import pack_signs as ps
+from pallas_kernels import poisson_positions as pp
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
 from pallas_kernels import table_match_counts as tmc
@@ -131,3 +133,37 @@ def test_magicpig_scan_step_lowers_with_its_kernels(as_gpu, capsys, monkeypatch)
   for name in ("table_match_counts", "kept_positions", "sparse_decode_attention"):
     assert name in text, name
   assert "acos" in text  # the weights are computed inside the attention kernel
+
+def test_poisson_positions_lowers_with_integer_hashing_and_masks_the_edge(as_gpu, capsys):
+  text = triton_module(capsys, lambda p, s, f: pp.poisson_positions_kernel(
+      p, s, f, size=64, block=256), jnp.zeros((1, 2, 1000), jnp.float32),
+      jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, 2), bool))
+  assert "tt.scan" in text and "arith.muli" in text and "arith.shrui" in text
+  assert masked(text, "tt.load") >= 2  # both passes mask the partial last block
+
+
+def test_vattention_step_lowers_for_cuda_with_its_kernels():
+  # The device run's vattention_simhash_kept step (append + attend, kernels on) lowers for
+  # Triton from this CPU, and its anatomy (benchmarks/step_anatomy.py) shows the draws in
+  # the kernels: no threefry and no compaction over the tokens.
+  from benchmarks import step_anatomy
+  module = step_anatomy.lowered_step(step_anatomy.methods()["vattention_simhash"](), 2, 4096)
+  got = step_anatomy.anatomy(module, 2 * step_anatomy.KV_HEADS * 4096)
+  assert got["custom_calls"] == {"hamming_similarity": 1, "poisson_positions_count": 2,
+                                 "poisson_positions": 2, "sparse_decode_attention": 1}, (
+                                     got["custom_calls"])
+  threefry = [line for line in module.splitlines() if "call @threefry" in line]
+  assert threefry and all(  # only per-row seeds: no random bits per token
+      n < 4096 for line in threefry for n, _ in step_anatomy._tensors(line)), threefry
+  dense = step_anatomy.anatomy(step_anatomy.lowered_step(sa.dense(), 2, 4096),
+                               2 * step_anatomy.KV_HEADS * 4096)
+  assert dense["custom_calls"] == {"decode_attention": 1} and dense["sorts"] == 0
+
+
+def test_hamming_similarity_lowers_without_ctpop_and_masks_the_edge(as_gpu, capsys):
+  q = jnp.zeros((1, 8, 4), jnp.uint32)
+  k = jnp.zeros((1, 2, 1000, 4), jnp.uint32)  # 1000 is not a multiple of the 256 block
+  text = triton_module(capsys, lambda q, k, n: hs.hamming_similarity_kernel(
+      q, k, n, 128, hs.BlockSizes(tokens=256)), q, k, jnp.array([1000], jnp.int32))
+  assert "ctpop" not in text
+  assert masked(text, "tt.load") >= 4 and masked(text, "tt.store") == 4  # one per query

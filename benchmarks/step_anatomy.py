@@ -1,0 +1,227 @@
+"""Where a decode step's time goes on a GPU, predicted from its lowered module on a CPU.
+
+Each method's step (``append`` of one token, then ``attend``) is lowered for ``cuda`` with
+``jax.export`` inside ``backend.target("gpu")`` with the kernels on (``SPARSE_ATTN_PALLAS=1``)
+at the device's shapes (``ShapeDtypeStruct``s: nothing of 128K tokens is allocated), and its
+StableHLO is counted:
+
+* ``large_ops``: ops with an operand or a result of at least ``B x Hkv x S / 8`` elements
+  (a full-S array, or the split policy's candidates x base tokens), by op name. Elementwise
+  ones fuse; the others are each a pass of their own (``passes``): reductions, sorts and
+  ``top_k``, scatters, gathers from a large operand (bytes: the gathered entries only),
+  ``reduce_window``, custom calls (Pallas kernels; the cache operands of the kernels that
+  read rows by index not counted) and loops that carry large arrays.
+* ``sorts``, ``top_k``, ``custom_calls`` (the Pallas kernels, by name), ``while`` loops.
+* ``pass_bytes``: the bytes the passes move: the large operands and results of each pass
+  op (elementwise producers fused into their consumer, as XLA:GPU does; a counted loop's
+  body times its trips, a loop that tests its data once, per trip). At 4 TB/s, 134 MB (one
+  float32 ``[8, 8, 4, 128K]``) is about 35 us.
+
+Ops of functions called more than once count once per call. The counts are a proxy, not a
+timing: XLA's fusion (sibling reductions merged, producers duplicated) moves them both
+ways, and launch latency (about 5 us per kernel) is in ``passes``.
+
+  python -m benchmarks.step_anatomy --json benchmarks/results/step_anatomy.json
+  python -m benchmarks.step_anatomy --small                    # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+import sparse_attn as sa
+from pallas_kernels import backend
+
+KV_HEADS, GROUP, HEAD_DIM = 8, 4, 128  # Llama-3.1-8B layer shapes
+TRITON_CALL = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+PASS_OPS = ("reduce", "sort", "top_k", "scatter", "gather", "reduce_window", "custom_call",
+            "while", "cumsum", "dynamic_update_slice")
+_BYTES = {"f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2, "i16": 2, "ui16": 2, "i8": 1,
+          "ui8": 1, "i1": 1, "f64": 8, "i64": 8, "ui64": 8}
+_TENSOR = re.compile(r"tensor<([0-9x]*)([a-z]+[0-9]+)>")
+_OP = re.compile(r"(?:stablehlo|chlo)\.([a-z_]+)|\"?(chlo\.top_k)")
+
+
+def methods() -> dict:
+  """name -> a function making the estimator (the GPU benchmark's configurations)."""
+  return {
+      "dense": sa.dense,
+      "spotlight": lambda: sa.spotlight(sa.hash_heads.init_params(
+          jax.random.PRNGKey(0), KV_HEADS, HEAD_DIM), fraction=0.02),
+      "topk_simhash": lambda: sa.topk(fraction=0.02, predictor=sa.predictors.simhash()),
+      "magicpig": sa.magicpig,
+      "vattention_simhash": lambda: sa.vattention_importance(0.05, 0.05, guarantee="output"),
+  }
+
+
+def lowered_step(est: sa.Estimator, batch: int, length: int) -> str:
+  """The StableHLO text of ``append`` + ``attend`` lowered for ``cuda`` with the kernels."""
+  sds = jax.ShapeDtypeStruct
+  kv = sds((batch, KV_HEADS, length, HEAD_DIM), jnp.bfloat16)
+  cache = sa.KVCache(kv, kv, sds((batch,), jnp.int32))
+  q = sds((batch, KV_HEADS * GROUP, HEAD_DIM), jnp.bfloat16)
+
+  def step(q, cache, index, key):
+    return est.attend(q, cache, est.append(index, cache), key).out
+
+  before = os.environ.get("SPARSE_ATTN_PALLAS")
+  os.environ["SPARSE_ATTN_PALLAS"] = "1"
+  try:
+    with backend.target("gpu"):
+      index = jax.eval_shape(est.init, cache, jax.random.PRNGKey(1))
+      exported = export.export(jax.jit(step), platforms=["cuda"],
+                               disabled_checks=[TRITON_CALL])(q, cache, index,
+                                                              jax.random.PRNGKey(2))
+  finally:
+    if before is None:
+      os.environ.pop("SPARSE_ATTN_PALLAS")
+    else:
+      os.environ["SPARSE_ATTN_PALLAS"] = before
+  return exported.mlir_module()
+
+
+def _tensors(line: str) -> list[tuple[int, int]]:
+  """``(elements, bytes)`` of every tensor type on an op's line."""
+  out = []
+  for dims, dtype in _TENSOR.findall(line):
+    n = math.prod(int(d) for d in dims.split("x") if d) if dims else 1
+    out.append((n, n * _BYTES.get(dtype, 4)))
+  return out
+
+
+def _loop_multipliers(lines: list[str]) -> list[int]:
+  """Per line of a function body, the product of the trip counts of the loops around it: a
+  ``while`` whose condition compares its counter with a constant (``fori_loop``, or a
+  static bound such as the selection's bisection) runs at most that many times."""
+  consts = {m.group(1): int(m.group(2)) for m in (re.search(
+      r"(%c[\w]*) = stablehlo.constant dense<(\d+)> : tensor<i32>", x) for x in lines) if m}
+  out, stack, depth, pending = [], [], 0, None
+  for i, line in enumerate(lines):
+    mult = math.prod(t for _, t in stack)
+    out.append(mult)
+    if "stablehlo.while" in line:
+      cond = []
+      for c in lines[i + 1:i + 40]:
+        if "} do {" in c:
+          break
+        cond.append(c)
+      m = re.search(r"compare\s+LT, %iterArg\w*, (%c\w*)", "\n".join(cond))
+      # Only a plain counted loop: one compare, nothing else (a loop that also tests its
+      # data, like the selection's bisection, is counted once: per trip).
+      counted = m and m.group(1) in consts and sum("stablehlo." in c for c in cond) == 2
+      pending = consts[m.group(1)] if counted else 1
+    opened, closed = line.count("{"), line.count("}")
+    if "} do {" in line.strip() and pending is not None:
+      depth -= 1
+      stack.append((depth, pending))
+      depth += 1
+      pending = None
+      continue
+    depth += opened - closed
+    while stack and depth <= stack[-1][0]:
+      stack.pop()
+  return out
+
+
+def anatomy(module: str, full: int, skip_cache_operands=("sparse_decode_attention",)) -> dict:
+  """The counts of the module docstring; ``full``: the elements of one full-S array. The
+  kernels in ``skip_cache_operands`` read only listed rows of their cache operands."""
+  bodies, name = collections.defaultdict(list), None
+  for line in module.splitlines():
+    header = re.match(r"\s*func\.func (?:public|private) @([\w.$-]+)", line)
+    if header:
+      name = header.group(1)
+    elif name:
+      bodies[name].append(line)
+  mults = {n: _loop_multipliers(b) for n, b in bodies.items()}
+  times = collections.Counter({"main": 1})
+  order = ["main"]
+  for fn in order:  # callers before callees (no recursion in a jitted module)
+    for line, m in zip(bodies.get(fn, []), mults.get(fn, [])):
+      for callee in re.findall(r"call @([\w.$-]+)", line):
+        times[callee] += times[fn] * m
+        if callee not in order:
+          order.append(callee)
+  ops, passes, kernels = collections.Counter(), collections.Counter(), collections.Counter()
+  totals = collections.Counter()
+  large = max(1, full // 8)
+  for fn, lines in bodies.items():
+    if not times[fn] or fn.endswith(".impl"):  # a composite's decomposition is not run too
+      continue
+    for line, m in zip(lines, mults[fn]):
+      k = times[fn] * m
+      op = _OP.search(line)
+      if not op or "=" not in line[:op.start()]:
+        continue
+      kind = op.group(1) or "top_k"
+      if kind == "composite":
+        kind = "top_k" if "top_k" in line else "composite"
+      sizes = _tensors(line)
+      if kind == "custom_call":
+        called = re.search(r'name = "(\w+)"', line)
+        kernel = called.group(1) if called else "?"
+        kernels[kernel] += k
+        if kernel in skip_cache_operands:  # the cache is an operand, read by index
+          sizes = [(n, b) for n, b in sizes if n < full * HEAD_DIM]
+      if kind in ("sort", "top_k", "while", "custom_call"):
+        totals[kind] += k
+      if not sizes or max(n for n, _ in sizes) < large:
+        continue
+      ops[kind] += k
+      if kind in PASS_OPS:
+        passes[kind] += k
+        if kind == "gather":  # reads the gathered entries only
+          moved = sum(b for n, b in sizes if n < large)
+        elif kind == "while":  # its body's ops are counted themselves
+          moved = 0
+        else:
+          moved = sum(b for n, b in sizes if n >= large)
+        totals["pass_bytes"] += moved * k
+  return {"large_ops": sum(ops.values()), "large_ops_by_kind": dict(ops.most_common()),
+          "passes": sum(passes.values()), "passes_by_kind": dict(passes.most_common()),
+          "pass_bytes": totals["pass_bytes"],
+          "pass_us_at_4tbps": round(totals["pass_bytes"] / 4e12 * 1e6, 1),
+          "sorts": totals["sort"], "top_k": totals["top_k"], "while_loops": totals["while"],
+          "custom_calls": dict(kernels)}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", metavar="PATH")
+  parser.add_argument("--small", action="store_true", help="CPU smoke test at small sizes")
+  parser.add_argument("--methods", default=",".join(methods()))
+  parser.add_argument("--configs", default="131072x1,131072x8", help="LENGTHxBATCH,...")
+  parser.add_argument("--label", default="", help="a name for this tree (before/after)")
+  args = parser.parse_args(argv)
+  if args.small:
+    args.configs = "4096x2"
+  configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+  report = {"jax": jax.__version__, "label": args.label, "rows": []}
+  for length, batch in configs:
+    for name in args.methods.split(","):
+      try:
+        row = anatomy(lowered_step(methods()[name](), batch, length),
+                      batch * KV_HEADS * length)
+      except Exception as err:  # noqa: BLE001 - one method failing must not end the run
+        row = {"failed": f"{type(err).__name__}: {str(err)[:300]}"}
+      row = {"method": name, "length": length, "batch": batch, **row}
+      report["rows"].append(row)
+      print(json.dumps(row), flush=True)
+      if args.json:
+        with open(args.json, "w") as f:
+          json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
