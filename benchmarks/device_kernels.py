@@ -36,7 +36,7 @@ from pallas_kernels import poisson_positions as pp
 from pallas_kernels import score_histogram as sh
 from pallas_kernels import sparse_decode_attention as sda
 from pallas_kernels import table_match_counts as tmc
-from sparse_attn.magicpig import LogInclusion
+from sparse_attn.lsh import LogInclusion
 from sparse_attn._src import selection
 
 # Peak HBM bandwidth in bytes/s by device kind (vendor figures), for the floor.

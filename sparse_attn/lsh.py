@@ -15,6 +15,7 @@ with probability :math:`w = P(\mathrm{Binomial}(L, p) \ge m)`, for ``m = 2``:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -118,3 +119,24 @@ def collision_probability(cos: jax.Array, K: int, L: int, min_collisions: int = 
   """
   check_table_shape(K, L, min_collisions)
   return inclusion_probability(table_collision_probability(cos, K), L, min_collisions)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogInclusion:
+  """``log w`` of a listed key from its score (a ``ScoreWeights`` function, traced inside
+  the attention kernel): the exact centred cosine ``q.(k - k_bar) / (|q| |k - k_bar|)``
+  from ``q.(k - k_bar) = sqrt(D) s - q.k_bar``, with ``|k - k_bar|`` stored at hashing
+  time, then ``collision_probability``; plus the second stage's log-probability (0 when
+  the list holds every qualified token)."""
+
+  K: int
+  L: int
+  min_collisions: int
+  head_dim: int = 0
+
+  def __call__(self, s, key_norm, q_norm, q_mean, log_second_stage):
+    norms = q_norm * key_norm
+    dots = s * math.sqrt(self.head_dim) - q_mean
+    cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
+    w = collision_probability(cos, self.K, self.L, self.min_collisions)
+    return jnp.log(jnp.maximum(w, 1e-30)) + log_second_stage

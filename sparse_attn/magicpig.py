@@ -175,7 +175,7 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
       raise ValueError(f"{name} must be a positive int, got {value!r}")
   if retrieval not in (None, "tables", "scan"):
     raise ValueError(f"retrieval must be 'tables', 'scan' or None, got {retrieval!r}")
-  log_inclusion = LogInclusion(K, L, min_collisions)
+  log_inclusion = lsh.LogInclusion(K, L, min_collisions)
 
   def hash_queries(x, index_planes):
     """``x [B, Hkv, ..., D] -> uint32 [B, Hkv, ..., L]``."""
@@ -391,24 +391,3 @@ def magicpig(K: int = 10, L: int = 150, min_collisions: int = 2, sinks: int = 4,
         unindexed=jnp.broadcast_to(unindexed[:, None, None], sampled.shape))
 
   return Estimator(init, append, attend)
-
-
-@dataclasses.dataclass(frozen=True)
-class LogInclusion:
-  """``log w`` of a listed key from its score (a ``ScoreWeights`` function, traced inside
-  the attention kernel): the exact centred cosine ``q.(k - k_bar) / (|q| |k - k_bar|)``
-  from ``q.(k - k_bar) = sqrt(D) s - q.k_bar``, with ``|k - k_bar|`` stored at hashing
-  time, then ``lsh.collision_probability``; plus the second stage's log-probability (0 when
-  the list holds every qualified token)."""
-
-  K: int
-  L: int
-  min_collisions: int
-  head_dim: int = 0
-
-  def __call__(self, s, key_norm, q_norm, q_mean, log_second_stage):
-    norms = q_norm * key_norm
-    dots = s * math.sqrt(self.head_dim) - q_mean
-    cos = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
-    w = lsh.collision_probability(cos, self.K, self.L, self.min_collisions)
-    return jnp.log(jnp.maximum(w, 1e-30)) + log_second_stage

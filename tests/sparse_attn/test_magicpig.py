@@ -11,6 +11,7 @@ import sparse_attn as sa
 from pallas_kernels.table_match_counts import unpack_codes
 from sparse_attn import lsh, synthetic
 from tests import reference as ref
+from tests.sparse_attn.test_gpu_path import accelerator_path  # noqa: F401 (a fixture)
 
 SMALL = dict(K=6, L=20, sinks=4, local=16, max_selected=1.0, max_candidates=20.0)
 
@@ -53,9 +54,13 @@ def small_problem(seed=0, lengths=(512, 300), capacity=512, head_dim=32, dtype=j
                             length=jnp.array(lengths, jnp.int32), dtype=dtype)
 
 
-def test_attend_equals_float64_estimate_given_the_codes():
+@pytest.mark.parametrize("path", ["tables", "scan", "scan on the accelerator path"])
+def test_attend_equals_float64_estimate_given_the_codes(path, request):
+  # The accelerator path: kernels interpreted, kept-positions listing, weights in the pass.
+  if path.endswith("accelerator path"):
+    request.getfixturevalue("accelerator_path")
   q, cache = small_problem()
-  est = sa.magicpig(**SMALL)
+  est = sa.magicpig(**SMALL, retrieval=path.split()[0])
   index = est.init(cache, jax.random.PRNGKey(1))
   res = est.attend(q, cache, index, None)
   out, lse, sampled = magicpig_reference(q, cache, index, 6, 20, 2, 4, 16)
