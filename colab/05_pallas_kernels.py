@@ -26,7 +26,7 @@
 # |---|---|---|
 # | `pack_signs(x)` | sign bits, LSB-first, into uint32 words | Spotlight and SimHash codes |
 # | `hamming_scores(q_codes, k_codes, length, D)` | popcount similarity summed over the GQA group | Spotlight's retrieval |
-# | `table_match_counts(q_tables, k_tables, length)` | tables (of `L`) whose code equals the query's | MagicPIG's scan of new tokens |
+# | `table_match_counts(q_words, k_words, length, K, L, cap)` | tables (of `L`) whose `K`-bit code equals the query's, from codes packed into uint32 words, capped at `cap` | MagicPIG's retrieval on an accelerator |
 # | `sparse_decode_attention(q, keys, values, indices, log_weights, count)` | attention over an index list with per-token log-weights, split and merged by log-sum-exp | every estimator's attention over its selected rows |
 #
 # This notebook runs each kernel in interpret mode on small shapes and checks it against its
@@ -130,13 +130,16 @@ ref = hs.hamming_scores_reference(q_codes, k_codes, length, D)
 print("hamming_scores", got.shape, "equal:", bool(jnp.all(got == ref)),
       "| blocks of", hs.BlockSizes().tokens, "tokens")
 
-# table_match_counts: q_tables [B, Hq, L], k_tables [B, Hkv, S, L] -> int32 [B, Hq, S]
-L = 20
-q_tables = jax.random.randint(keys[3], (B, HKV * G, L), 0, 8).astype(jnp.uint16)
-k_tables = jax.random.randint(keys[4], (B, HKV, S, L), 0, 8).astype(jnp.uint16)
-got = tmc.table_match_counts_kernel(q_tables, k_tables, length, interpret=True)
-ref = tmc.table_match_counts_reference(q_tables, k_tables, length)
-print("table_match_counts", got.shape, "equal:", bool(jnp.all(got == ref)))
+# table_match_counts: L tables of K bits each, packed into ceil(K L / 32) uint32 words per
+# token (a table's code may straddle two words); counts capped at `cap`, -1 past length
+K_BITS, L = 3, 20
+q_words = tmc.pack_codes(jax.random.randint(keys[3], (B, HKV * G, L), 0, 8), K_BITS)
+k_words = tmc.pack_codes(jax.random.randint(keys[4], (B, HKV, S, L), 0, 8), K_BITS)
+got = tmc.table_match_counts_kernel(q_words, k_words, length, K_BITS, L, cap=2,
+                                    interpret=True)
+ref = tmc.table_match_counts_reference(q_words, k_words, length, K_BITS, L, cap=2)
+print("table_match_counts", got.shape, got.dtype, "words per token:", k_words.shape[-1],
+      "equal:", bool(jnp.all(got == ref)))
 
 # sparse_decode_attention: one index list per KV head (shared by its group), log-weights
 # (importance weights 1/w enter as -log w), count valid entries per list
@@ -209,8 +212,8 @@ checks = {  # name -> () -> how far the compiled kernel is from its reference (0
         hs.hamming_scores_kernel(q_codes, k_codes, length, D, interpret=False)
         - hs.hamming_scores_reference(q_codes, k_codes, length, D))),
     "table_match_counts": lambda: jnp.max(jnp.abs(
-        tmc.table_match_counts_kernel(q_tables, k_tables, length, interpret=False)
-        - tmc.table_match_counts_reference(q_tables, k_tables, length))),
+        tmc.table_match_counts_kernel(q_words, k_words, length, K_BITS, L, interpret=False)
+        - tmc.table_match_counts_reference(q_words, k_words, length, K_BITS, L))),
     "sparse_decode_attention": lambda: jnp.max(jnp.abs(sda.sparse_decode_attention_kernel(
         q, kv[0], kv[1], indices, log_w, count, interpret=False)[0] - out_r)),
 }

@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
@@ -45,18 +46,6 @@ def _fields(K: int, L: int):
     yield word, shift, max(0, shift + K - 32)
 
 
-def pack_codes(codes: jax.Array, K: int) -> jax.Array:
-  """``uint [..., L]`` codes (each ``< 2**K``) -> ``uint32 [..., ceil(K L / 32)]``."""
-  L = codes.shape[-1]
-  codes = codes.astype(jnp.uint32)
-  words = [jnp.zeros(codes.shape[:-1], jnp.uint32) for _ in range(code_words(K, L))]
-  for l, (word, shift, straddle) in enumerate(_fields(K, L)):
-    words[word] = words[word] | (codes[..., l] << jnp.uint32(shift))
-    if straddle:
-      words[word + 1] = words[word + 1] | (codes[..., l] >> jnp.uint32(K - straddle))
-  return jnp.stack(words, axis=-1)
-
-
 def _field(word_at, K: int, word: int, shift: int, straddle: int) -> jax.Array:
   """Table code at ``(word, shift, straddle)`` of ``word_at(w)`` (uint32 arrays)."""
   value = word_at(word) >> jnp.uint32(shift)
@@ -65,9 +54,53 @@ def _field(word_at, K: int, word: int, shift: int, straddle: int) -> jax.Array:
   return value & jnp.uint32((1 << K) - 1)
 
 
+# The jnp functions below work in chunks of 32 tables: 32 K-bit codes fill exactly K words,
+# and every chunk has the same layout (``_fields(K, 32)``), so the traced program has a
+# constant number of ops whatever L (unrolling over L tables made L = 1200 compile for
+# minutes on a CPU).
+
+
+def _chunks(n: int) -> int:
+  return -(-n // 32)
+
+
+def pack_codes(codes: jax.Array, K: int) -> jax.Array:
+  """``uint [..., L]`` codes (each ``< 2**K``) -> ``uint32 [..., ceil(K L / 32)]``."""
+  L = codes.shape[-1]
+  codes = codes.astype(jnp.uint32)
+  codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 32 * _chunks(L) - L)])
+  codes = codes.reshape(*codes.shape[:-1], _chunks(L), 32)
+  words = [jnp.uint32(0)] * K
+  for l, (word, shift, straddle) in enumerate(_fields(K, 32)):
+    words[word] = words[word] | (codes[..., l] << jnp.uint32(shift))
+    if straddle:
+      words[word + 1] = words[word + 1] | (codes[..., l] >> jnp.uint32(K - straddle))
+  words = jnp.stack(words, axis=-1).reshape(*codes.shape[:-2], K * _chunks(L))
+  return words[..., :code_words(K, L)]
+
+
+def _chunked(words: jax.Array, K: int, L: int, past: bool) -> jax.Array:
+  """``uint32 [..., W] -> [..., chunks, K]``, zero-padded; with ``past``, the bits after
+  the last table's set to 1 (so the fields past table ``L`` are never a zero code)."""
+  pad = K * _chunks(L) - words.shape[-1]
+  words = jnp.pad(words.astype(jnp.uint32), [(0, 0)] * (words.ndim - 1) + [(0, pad)])
+  if past:
+    bits = np.zeros(K * _chunks(L), np.uint64)
+    for bit in range(K * L, 32 * K * _chunks(L)):
+      bits[bit // 32] |= np.uint64(1 << (bit % 32))
+    words = words | bits.astype(np.uint32).reshape((1,) * (words.ndim - 1) + (-1,))
+  return words.reshape(*words.shape[:-1], _chunks(L), K)
+
+
+def _chunk_fields(chunked: jax.Array, K: int) -> list[jax.Array]:
+  """The 32 fields of each chunk: a list of ``uint32 [..., chunks]``."""
+  return [_field(lambda w: chunked[..., w], K, *f) for f in _fields(K, 32)]
+
+
 def unpack_codes(words: jax.Array, K: int, L: int) -> jax.Array:
   """``pack_codes`` inverted: ``uint32 [..., W] -> uint32 [..., L]``."""
-  return jnp.stack([_field(lambda w: words[..., w], K, *f) for f in _fields(K, L)], axis=-1)
+  fields = jnp.stack(_chunk_fields(_chunked(words, K, L, False), K), axis=-1)
+  return fields.reshape(*fields.shape[:-2], 32 * _chunks(L))[..., :L]
 
 
 def count_dtype(cap: int):
@@ -93,11 +126,10 @@ def table_match_counts_reference(q_words: jax.Array, k_words: jax.Array, length:
   cap = _check(q_words, k_words, K, L, cap)
   batch, num_q, words = q_words.shape
   num_kv, capacity = k_words.shape[1], k_words.shape[2]
-  qg = q_words.astype(jnp.uint32).reshape(batch, num_kv, num_q // num_kv, 1, words)
-  x = k_words.astype(jnp.uint32)[:, :, None, :, :] ^ qg  # [B, Hkv, G, S, W]
-  # One term per table, summed in the narrowest type (XLA fuses the terms into the sum).
-  narrow = count_dtype(L)
-  counts = sum((_field(lambda w: x[..., w], K, *f) == 0).astype(narrow) for f in _fields(K, L))
+  qg = _chunked(q_words, K, L, False).reshape(batch, num_kv, num_q // num_kv, 1, -1, K)
+  x = _chunked(k_words, K, L, True)[:, :, None] ^ qg  # [B, Hkv, G, S, chunks, K]
+  narrow = count_dtype(L)  # 32 terms per chunk, summed over chunks (XLA fuses it all)
+  counts = sum((f == 0).astype(narrow) for f in _chunk_fields(x, K)).sum(-1, dtype=narrow)
   counts = jnp.minimum(counts, cap).astype(count_dtype(cap)).reshape(batch, num_q, capacity)
   positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
   return jnp.where(positions < length[:, None, None], counts, -1).astype(count_dtype(cap))
