@@ -50,6 +50,7 @@ class Config:
   seeds: int = 3
   magicpig_tables: tuple[int, ...] = (5, 10, 20, 40, 80, 150, 300)  # K = 10
   model: str = ee.REFERENCE
+  layers: tuple[int, ...] = ()  # the model layers with cells; () for all
   tasks: tuple[str, ...] = ("needle_single", "variable_tracking", "common_words")
   instances: int = 4  # per task
   queries: int = 4  # answer-predicting positions per instance
@@ -121,7 +122,10 @@ def model_cells(cfg: Config, tick) -> list[dict]:
                        attention_instances=cfg.instances, queries=cfg.queries,
                        hash_steps=cfg.hash_steps)
   trained, _ = ee.train_spotlight(model, model_cfg, eval_cfg, corpus, codec, tick)
-  per_layer = {layer: [] for layer in range(model_cfg.num_layers)}
+  layers = cfg.layers or tuple(range(model_cfg.num_layers))
+  if not all(0 <= layer < model_cfg.num_layers for layer in layers):
+    raise ValueError(f"layers must be in [0, {model_cfg.num_layers}), got {cfg.layers}")
+  per_layer = {layer: [] for layer in layers}
   for task in cfg.tasks:
     held_out = ee.instances(eval_cfg, task, cfg.instances, True, corpus)
     att = ee.Attention(ee.Prefill(model, held_out, codec, eval_cfg, len(held_out)),
@@ -160,7 +164,8 @@ def synthetic_cells(cfg: Config, tick) -> list[dict]:
 
 def run(cfg: Config = Config(), progress: bool = True) -> dict:
   from tqdm.auto import tqdm
-  total = 4 + len(cfg.densities) * (4 + len(cfg.synthetic_scales))
+  layers = len(cfg.layers) or 4  # the reference model has 4
+  total = 4 + len(cfg.densities) * (layers + len(cfg.synthetic_scales))
   bar = tqdm(total=total, desc="equal density", unit="cell", disable=not progress)
 
   def tick(what):
