@@ -17,7 +17,10 @@ StableHLO is counted:
   body times its trips, a loop that tests its data once, per trip). At 4 TB/s, 134 MB (one
   float32 ``[8, 8, 4, 128K]``) is about 35 us.
 
-Ops of functions called more than once count once per call. The counts are a proxy, not a
+Ops of functions called more than once count once per call. Of each ``lax.cond`` one branch
+counts: the cheaper one (in these steps every cond guards a fallback, which costs more: a
+bucket overflow's scan, a list of every token); ``pass_us_at_4tbps_dearer_branches`` takes
+the dearer ones instead. The counts are a proxy, not a
 timing: XLA's fusion (sibling reductions merged, producers duplicated) moves them both
 ways, and launch latency (about 5 us per kernel) is in ``passes``.
 
@@ -116,10 +119,14 @@ def _loop_multipliers(lines: list[str]) -> list[int]:
           break
         cond.append(c)
       m = re.search(r"compare\s+LT, %iterArg\w*, (%c\w*)", "\n".join(cond))
-      # Only a plain counted loop: one compare, nothing else (a loop that also tests its
-      # data, like the selection's bisection, is counted once: per trip).
-      counted = m and m.group(1) in consts and sum("stablehlo." in c for c in cond) == 2
-      pending = consts[m.group(1)] if counted else 1
+      local = {**consts, **{k.group(1): int(k.group(2)) for k in (re.search(
+          r"(%c[\w]*) = stablehlo.constant dense<(\d+)> : tensor<i32>", c) for c in cond) if k}}
+      # Only a plain counted loop: one compare and constants, nothing else (a loop that also
+      # tests its data, like the selection's bisection, is counted once: per trip).
+      ops = [c for c in cond if "stablehlo." in c and not re.search(
+          r"stablehlo\.(constant|return)", c)]
+      counted = m and m.group(1) in local and len(ops) == 1
+      pending = local[m.group(1)] if counted else 1
     opened, closed = line.count("{"), line.count("}")
     if "} do {" in line.strip() and pending is not None:
       depth -= 1
@@ -133,6 +140,73 @@ def _loop_multipliers(lines: list[str]) -> list[int]:
   return out
 
 
+def _line_cost(line: str, full: int, skip_cache_operands) -> collections.Counter:
+  """One op's counts (the module docstring's), for one execution."""
+  cost = collections.Counter()
+  op = _OP.search(line)
+  if not op or "=" not in line[:op.start()]:
+    return cost
+  kind = op.group(1) or "top_k"
+  if kind == "composite":
+    kind = "top_k" if "top_k" in line else "composite"
+  sizes = _tensors(line)
+  if kind == "custom_call":
+    called = re.search(r'name = "(\w+)"', line)
+    kernel = called.group(1) if called else "?"
+    cost[("kernel", kernel)] += 1
+    if kernel in skip_cache_operands:  # the cache is an operand, read by index
+      sizes = [(n, b) for n, b in sizes if n < full * HEAD_DIM]
+  if kind in ("sort", "top_k", "while", "custom_call"):
+    cost[("total", kind)] += 1
+  large = max(1, full // 8)
+  if not sizes or max(n for n, _ in sizes) < large:
+    return cost
+  cost[("ops", kind)] += 1
+  if kind in PASS_OPS:
+    cost[("passes", kind)] += 1
+    if kind == "gather":  # reads the gathered entries only
+      moved = sum(b for n, b in sizes if n < large)
+    elif kind == "while":  # its body's ops are counted themselves
+      moved = 0
+    else:
+      moved = sum(b for n, b in sizes if n >= large)
+    cost["pass_bytes"] += moved
+  return cost
+
+
+def _times(cost: collections.Counter, k: int) -> collections.Counter:
+  return collections.Counter({key: v * k for key, v in cost.items()})
+
+
+def _function_cost(lines: list[str], mults: list[int], callee_cost, line_cost, pick):
+  """One call's counts: each line's times its loops' trips, a call's its callee's, and of
+  each ``stablehlo.case`` (``lax.cond``, ``lax.switch``) one branch, the one ``pick``
+  (``min`` or ``max``) chooses by bytes moved: one branch runs, not all."""
+  root = collections.Counter()
+  cases = []  # open cases, innermost last: (depth outside, [branch counts])
+  depth = 0
+  for line, m in zip(lines, mults):
+    before = depth
+    depth += line.count("{") - line.count("}")
+    stripped = line.strip()
+    if cases and before == cases[-1][0] + 1 and stripped.startswith("}, {"):
+      cases[-1][1].append(collections.Counter())
+      continue
+    if cases and depth == cases[-1][0] and stripped.startswith("})"):
+      _, branches = cases.pop()
+      (cases[-1][1][-1] if cases else root).update(
+          pick(branches, key=lambda c: c["pass_bytes"]))
+      continue
+    here = cases[-1][1][-1] if cases else root
+    cost = line_cost(line)
+    for callee in re.findall(r"call @([\w.$-]+)", line):
+      cost.update(callee_cost(callee))
+    here.update(_times(cost, m))
+    if '"stablehlo.case"' in line and line.rstrip().endswith("({"):
+      cases.append((before, [collections.Counter()]))
+  return root
+
+
 def anatomy(module: str, full: int, skip_cache_operands=("sparse_decode_attention",)) -> dict:
   """The counts of the module docstring; ``full``: the elements of one full-S array. The
   kernels in ``skip_cache_operands`` read only listed rows of their cache operands."""
@@ -143,56 +217,27 @@ def anatomy(module: str, full: int, skip_cache_operands=("sparse_decode_attentio
       name = header.group(1)
     elif name:
       bodies[name].append(line)
-  mults = {n: _loop_multipliers(b) for n, b in bodies.items()}
-  times = collections.Counter({"main": 1})
-  order = ["main"]
-  for fn in order:  # callers before callees (no recursion in a jitted module)
-    for line, m in zip(bodies.get(fn, []), mults.get(fn, [])):
-      for callee in re.findall(r"call @([\w.$-]+)", line):
-        times[callee] += times[fn] * m
-        if callee not in order:
-          order.append(callee)
-  ops, passes, kernels = collections.Counter(), collections.Counter(), collections.Counter()
-  totals = collections.Counter()
-  large = max(1, full // 8)
-  for fn, lines in bodies.items():
-    if not times[fn] or fn.endswith(".impl"):  # a composite's decomposition is not run too
-      continue
-    for line, m in zip(lines, mults[fn]):
-      k = times[fn] * m
-      op = _OP.search(line)
-      if not op or "=" not in line[:op.start()]:
-        continue
-      kind = op.group(1) or "top_k"
-      if kind == "composite":
-        kind = "top_k" if "top_k" in line else "composite"
-      sizes = _tensors(line)
-      if kind == "custom_call":
-        called = re.search(r'name = "(\w+)"', line)
-        kernel = called.group(1) if called else "?"
-        kernels[kernel] += k
-        if kernel in skip_cache_operands:  # the cache is an operand, read by index
-          sizes = [(n, b) for n, b in sizes if n < full * HEAD_DIM]
-      if kind in ("sort", "top_k", "while", "custom_call"):
-        totals[kind] += k
-      if not sizes or max(n for n, _ in sizes) < large:
-        continue
-      ops[kind] += k
-      if kind in PASS_OPS:
-        passes[kind] += k
-        if kind == "gather":  # reads the gathered entries only
-          moved = sum(b for n, b in sizes if n < large)
-        elif kind == "while":  # its body's ops are counted themselves
-          moved = 0
-        else:
-          moved = sum(b for n, b in sizes if n >= large)
-        totals["pass_bytes"] += moved * k
+  costs = {}
+
+  def cost(fn, pick):  # memoized; a jitted module has no recursion
+    if (fn, pick) not in costs:
+      costs[fn, pick] = collections.Counter() if fn.endswith(".impl") or fn not in bodies else (
+          _function_cost(bodies[fn], _loop_multipliers(bodies[fn]),
+                         lambda callee: cost(callee, pick),
+                         lambda line: _line_cost(line, full, skip_cache_operands), pick))
+    return costs[fn, pick]
+
+  total, worst = cost("main", min), cost("main", max)
+  part = lambda tag: collections.Counter(  # noqa: E731
+      {k[1]: v for k, v in total.items() if isinstance(k, tuple) and k[0] == tag and v})
+  ops, passes = part("ops"), part("passes")
   return {"large_ops": sum(ops.values()), "large_ops_by_kind": dict(ops.most_common()),
           "passes": sum(passes.values()), "passes_by_kind": dict(passes.most_common()),
-          "pass_bytes": totals["pass_bytes"],
-          "pass_us_at_4tbps": round(totals["pass_bytes"] / 4e12 * 1e6, 1),
-          "sorts": totals["sort"], "top_k": totals["top_k"], "while_loops": totals["while"],
-          "custom_calls": dict(kernels)}
+          "pass_bytes": total["pass_bytes"],
+          "pass_us_at_4tbps": round(total["pass_bytes"] / 4e12 * 1e6, 1),
+          "pass_us_at_4tbps_dearer_branches": round(worst["pass_bytes"] / 4e12 * 1e6, 1),
+          "sorts": total[("total", "sort")], "top_k": total[("total", "top_k")],
+          "while_loops": total[("total", "while")], "custom_calls": dict(part("kernel"))}
 
 
 def main(argv=None) -> int:
