@@ -121,10 +121,10 @@ def model_cells(cfg: Config, tick) -> list[dict]:
   eval_cfg = ee.Config(model=cfg.model, tasks=cfg.tasks, length=cfg.length, seed=cfg.seed,
                        attention_instances=cfg.instances, queries=cfg.queries,
                        hash_steps=cfg.hash_steps)
-  trained, _ = ee.train_spotlight(model, model_cfg, eval_cfg, corpus, codec, tick)
   layers = cfg.layers or tuple(range(model_cfg.num_layers))
   if not all(0 <= layer < model_cfg.num_layers for layer in layers):
     raise ValueError(f"layers must be in [0, {model_cfg.num_layers}), got {cfg.layers}")
+  trained, _ = ee.train_spotlight(model, model_cfg, eval_cfg, corpus, codec, tick)
   per_layer = {layer: [] for layer in layers}
   for task in cfg.tasks:
     held_out = ee.instances(eval_cfg, task, cfg.instances, True, corpus)

@@ -102,12 +102,18 @@ def _tensors(line: str) -> list[tuple[int, int]]:
   return out
 
 
+def _i32_constants(lines: list[str]) -> dict[str, int]:
+  """``{name: value}`` of the scalar int32 constants defined on ``lines``."""
+  found = (re.search(r"(%c[\w]*) = stablehlo.constant dense<(\d+)> : tensor<i32>", x)
+           for x in lines)
+  return {m.group(1): int(m.group(2)) for m in found if m}
+
+
 def _loop_multipliers(lines: list[str]) -> list[int]:
   """Per line of a function body, the product of the trip counts of the loops around it: a
   ``while`` whose condition compares its counter with a constant (``fori_loop``, or a
   static bound such as the selection's bisection) runs at most that many times."""
-  consts = {m.group(1): int(m.group(2)) for m in (re.search(
-      r"(%c[\w]*) = stablehlo.constant dense<(\d+)> : tensor<i32>", x) for x in lines) if m}
+  consts = _i32_constants(lines)
   out, stack, depth, pending = [], [], 0, None
   for i, line in enumerate(lines):
     mult = math.prod(t for _, t in stack)
@@ -119,8 +125,7 @@ def _loop_multipliers(lines: list[str]) -> list[int]:
           break
         cond.append(c)
       m = re.search(r"compare\s+LT, %iterArg\w*, (%c\w*)", "\n".join(cond))
-      local = {**consts, **{k.group(1): int(k.group(2)) for k in (re.search(
-          r"(%c[\w]*) = stablehlo.constant dense<(\d+)> : tensor<i32>", c) for c in cond) if k}}
+      local = {**consts, **_i32_constants(cond)}  # a name may be reused in the region
       # Only a plain counted loop: one compare and constants, nothing else (a loop that also
       # tests its data, like the selection's bisection, is counted once: per trip).
       ops = [c for c in cond if "stablehlo." in c and not re.search(

@@ -124,7 +124,7 @@ def table_match_counts_reference(q_words: jax.Array, k_words: jax.Array, length:
   """The jnp twin (and CPU path): ``q_words uint32 [B, Hq, W]``, ``k_words uint32
   [B, Hkv, S, W]``, ``length int32 [B]`` -> ``count_dtype(cap) [B, Hq, S]``."""
   cap = _check(q_words, k_words, K, L, cap)
-  batch, num_q, words = q_words.shape
+  batch, num_q = q_words.shape[:2]
   num_kv, capacity = k_words.shape[1], k_words.shape[2]
   qg = _chunked(q_words, K, L, False).reshape(batch, num_kv, num_q // num_kv, 1, -1, K)
   x = _chunked(k_words, K, L, True)[:, :, None] ^ qg  # [B, Hkv, G, S, chunks, K]
