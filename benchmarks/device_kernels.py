@@ -138,11 +138,12 @@ def check_equal(interpret: bool) -> list[dict]:
                  "max_diff": attempt(diff, qq, keys, values, length)})
   scores = jnp.asarray(rng.integers(-1, 60, size=(3, 2, 1000)), jnp.int32)
   hist_args = (scores, length, -1, 4, 16)
-  rows.append({"kernel": "score_histogram", "dtype": "uint32 (int32 counts)",
-               "max_diff": attempt(lambda: max_diff(
-                   sh.score_histogram_kernel(*hist_args, sh.BlockSizes(block=256),
-                                             interpret=interpret),
-                   sh.score_histogram_reference(*hist_args, 256)))})
+  for bins in (1024, 256):  # Spotlight's and SimHash's
+    rows.append({"kernel": f"score_histogram ({bins} bins)", "dtype": "uint32 (int32 counts)",
+                 "max_diff": attempt(lambda bins=bins: max_diff(
+                     sh.score_histogram_kernel(*hist_args, sh.BlockSizes(block=256),
+                                               interpret=interpret, bins=bins),
+                     sh.score_histogram_reference(*hist_args, 256, bins)))})
   hist = sh.score_histogram_reference(*hist_args, 256)
   keep = jnp.asarray(rng.integers(0, 120, size=(3, 2)), jnp.int32)
   plan = selection.counting_plan(hist, keep, -1)

@@ -3,12 +3,16 @@ counting: the exact ``k``-th largest score follows from the summed histogram, an
 before any block from the blocks' counts of that score (``sparse_attn._src.selection``).
 
 ``hist[r, j, v]`` counts the eligible tokens of block ``j`` (``block`` tokens) of row ``r``
-whose score is ``lo + v``, for ``v`` in ``[0, 1024)``; a token is eligible when
-``sinks <= position < length - local`` (the residual of an exact window).
+whose score is ``lo + v``, for ``v`` in ``[0, bins)``; a token is eligible when
+``sinks <= position < length - local`` (the residual of an exact window). ``bins`` is 256,
+512 or 1024 (``bins_for`` picks the fewest that hold a score range): the histograms are
+the selection's largest arrays after the scores (``bins`` int32 per 1024 tokens and row),
+so SimHash's 130 scores take 256 bins, a quarter of Spotlight's 1024.
 
-The kernel counts with one small matrix product per block: ``v = 32 h + l`` and
-``hist[h, l] = sum_t [h_t = h] [l_t = l]``, the product of two one-hot ``[block, 32]``
-matrices (exact in float32), so no scatter and no atomics.
+The kernel counts with one small matrix product per block: ``v = W h + l`` and
+``hist[h, l] = sum_t [h_t = h] [l_t = l]``, the product of two one-hot matrices
+``[block, bins / W]`` and ``[block, W]`` (exact in float32), so no scatter and no atomics.
+Both sides are at least 16 wide, the smallest product Triton's ``tl.dot`` takes.
 """
 
 from __future__ import annotations
@@ -22,7 +26,20 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
 
-BINS = 1024  # scores lo .. lo + 1023; 32 x 32 one-hot product
+BINS = 1024  # the most bins: scores lo .. lo + 1023; 32 x 32 one-hot product
+_SPLITS = {256: (16, 16), 512: (16, 32), 1024: (32, 32)}  # bins: (high, low) one-hot widths
+
+
+def bins_for(values: int) -> int:
+  """The fewest bins (256, 512 or 1024) holding ``values`` consecutive scores."""
+  if not isinstance(values, int) or not 1 <= values <= BINS:
+    raise ValueError(f"values must be an int in [1, {BINS}], got {values!r}")
+  return min(b for b in _SPLITS if b >= values)
+
+
+def _check_bins(bins):
+  if bins not in _SPLITS:
+    raise ValueError(f"bins must be one of {sorted(_SPLITS)}, got {bins!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,48 +53,57 @@ def eligible_mask(positions: jax.Array, length: jax.Array, sinks: int, local: in
 
 
 def score_histogram_reference(scores: jax.Array, length: jax.Array, lo: int, sinks: int,
-                              local: int, block: int) -> jax.Array:
+                              local: int, block: int, bins: int = BINS) -> jax.Array:
   """The jnp twin: ``scores int32 [B, H, S]``, ``length int32 [B]`` -> ``int32 [B, H,
-  ceil(S / block), BINS]``. Scores outside ``[lo, lo + BINS)`` are not allowed."""
+  ceil(S / block), bins]``. Eligible scores outside ``[lo, lo + bins)`` are not allowed."""
+  _check_bins(bins)
   batch, heads, capacity = scores.shape
   blocks = -(-capacity // block)
   padded = jnp.pad(scores, [(0, 0), (0, 0), (0, blocks * block - capacity)])
   positions = jnp.arange(blocks * block, dtype=jnp.int32)[None, None, :]
   ok = eligible_mask(positions, length[:, None, None], sinks, local) & (positions < capacity)
-  values = jnp.where(ok, padded - lo, BINS)  # BINS: dropped by the one-hot below
-  onehot = values.reshape(batch, heads, blocks, block, 1) == jnp.arange(BINS).reshape(
-      1, 1, 1, 1, BINS)
+  values = jnp.where(ok, padded - lo, bins)  # bins: dropped by the one-hot below
+  onehot = values.reshape(batch, heads, blocks, block, 1) == jnp.arange(bins).reshape(
+      1, 1, 1, 1, bins)
   return jnp.sum(onehot, axis=3, dtype=jnp.int32)
 
 
-def _kernel(len_ref, s_ref, o_ref, *, block, lo, sinks, local, capacity, masked):
-  # len_ref: [1] int32; s_ref: [1, 1, block] int32; o_ref: [1, 1, 1, 32, 32] int32
+def _kernel(len_ref, s_ref, o_ref, *, block, lo, sinks, local, capacity, masked, split):
+  # len_ref: [1] int32; s_ref: [1, 1, block] int32; o_ref: [1, 1, 1, high, low] int32
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
   s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked)
   ok = inside & eligible_mask(positions, len_ref[0], sinks, local)
   v = s - lo
-  lanes = jnp.arange(32, dtype=jnp.int32)[None, :]
-  high = jnp.where(ok[:, None] & ((v[:, None] >> 5) == lanes), 1.0, 0.0).astype(jnp.bfloat16)
-  low = jnp.where((v[:, None] & 31) == lanes, 1.0, 0.0).astype(jnp.bfloat16)
+  n_high, n_low = split  # v = n_low * (v >> shift) + (v & (n_low - 1))
+  shift = n_low.bit_length() - 1
+  high_lanes = jnp.arange(n_high, dtype=jnp.int32)[None, :]
+  low_lanes = jnp.arange(n_low, dtype=jnp.int32)[None, :]
+  high = jnp.where(ok[:, None] & ((v[:, None] >> shift) == high_lanes), 1.0, 0.0).astype(
+      jnp.bfloat16)
+  low = jnp.where((v[:, None] & (n_low - 1)) == low_lanes, 1.0, 0.0).astype(jnp.bfloat16)
   counts = jax.lax.dot_general(high, low, (((0,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # [32, 32]
+                               preferred_element_type=jnp.float32)  # [high, low]
   o_ref[0, 0, 0] = counts.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=["lo", "sinks", "local", "block_sizes", "interpret"])
+@functools.partial(jax.jit, static_argnames=["lo", "sinks", "local", "block_sizes", "interpret",
+                                             "bins"])
 def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks: int = 0,
                            local: int = 0, block_sizes: BlockSizes = BlockSizes(),
-                           interpret: bool | None = None) -> jax.Array:
+                           interpret: bool | None = None, bins: int = BINS) -> jax.Array:
   """The Pallas kernel: grid over (batch, head, token block); same contract as the
   reference with ``block = block_sizes.block``."""
+  _check_bins(bins)
   batch, heads, capacity = scores.shape
   block = block_sizes.block
   blocks = -(-capacity // block)
+  high, low = _SPLITS[bins]
   kernel = functools.partial(_kernel, block=block, lo=lo, sinks=sinks, local=local,
-                             capacity=capacity, masked=backend.masks_edges(interpret))
-  out_shape = jax.ShapeDtypeStruct((batch, heads, blocks, 32, 32), jnp.int32)
-  out_spec = pl.BlockSpec((1, 1, 1, 32, 32), lambda b, h, j: (b, h, j, 0, 0))
+                             capacity=capacity, masked=backend.masks_edges(interpret),
+                             split=(high, low))
+  out_shape = jax.ShapeDtypeStruct((batch, heads, blocks, high, low), jnp.int32)
+  out_spec = pl.BlockSpec((1, 1, 1, high, low), lambda b, h, j: (b, h, j, 0, 0))
   if backend.mosaic_layout(interpret):
     hist = backend.pallas_call(
         kernel, out_shape=out_shape, grid=(batch, heads, blocks),
@@ -85,14 +111,14 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
                   tpu_block_spec(block)],
         out_specs=out_spec, interpret=interpret, name="score_histogram")(
             length.astype(jnp.int32).reshape(batch, 1, 1), tpu_blocks(scores, block))
-    return hist.reshape(batch, heads, blocks, BINS)
+    return hist.reshape(batch, heads, blocks, bins)
   hist = backend.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, heads, blocks),
       in_specs=[pl.BlockSpec((1,), lambda b, h, j: (b,)),
                 pl.BlockSpec((1, 1, block), lambda b, h, j: (b, h, j))],
       out_specs=out_spec, interpret=interpret, name="score_histogram")(
           length.astype(jnp.int32), scores.astype(jnp.int32))
-  return hist.reshape(batch, heads, blocks, BINS)
+  return hist.reshape(batch, heads, blocks, bins)
 
 
 def tpu_blocks(scores: jax.Array, block: int) -> jax.Array:

@@ -183,7 +183,8 @@ def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int
   flat = scores.reshape(lead[0], -1, capacity)
   lo = score_range[0]
   block = score_histogram.BlockSizes().block
-  hist = score_histogram.score_histogram_kernel(flat, length, lo, sinks, local)
+  hist = score_histogram.score_histogram_kernel(
+      flat, length, lo, sinks, local, bins=score_histogram.bins_for(score_range[1] - lo + 1))
   keep = jnp.minimum(jnp.asarray(keep, jnp.int32), size)
   want = jnp.broadcast_to(keep, lead + (1,)).reshape(flat.shape[:2])
   threshold, need, ties_before, kept_before = counting_plan(hist, want, lo)

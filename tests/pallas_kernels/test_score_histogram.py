@@ -23,25 +23,39 @@ def problem(seed, capacity=700, score_max=20):
   return length, scores, keep
 
 
-def numpy_histogram(scores, length, lo, block):
+def numpy_histogram(scores, length, lo, block, bins=sh.BINS):
   scores, length = np.asarray(scores), np.asarray(length)
   batch, heads, capacity = scores.shape
-  hist = np.zeros((batch, heads, -(-capacity // block), sh.BINS), np.int64)
+  hist = np.zeros((batch, heads, -(-capacity // block), bins), np.int64)
   for b, h, j in np.ndindex(batch, heads, capacity):
     if SINKS <= j < length[b] - LOCAL:
       hist[b, h, j // block, scores[b, h, j] - lo] += 1
   return hist
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_histogram_kernel_counts_eligible_scores(seed):
-  length, scores, _ = problem(seed)
-  want = numpy_histogram(scores, length, -1, 128)
-  ref = sh.score_histogram_reference(scores, length, -1, SINKS, LOCAL, 128)
+@pytest.mark.parametrize("seed, bins", [(0, 1024), (1, 1024), (2, 512), (3, 256)])
+def test_histogram_kernel_counts_eligible_scores(seed, bins):
+  """Every bin size, with scores up to its top bin (``lo + bins - 1``)."""
+  length, scores, _ = problem(seed, score_max=bins - 1)
+  want = numpy_histogram(scores, length, -1, 128, bins)
+  assert want[..., -1].sum() > 0  # the top bin is reached
+  ref = sh.score_histogram_reference(scores, length, -1, SINKS, LOCAL, 128, bins)
   got = sh.score_histogram_kernel(scores, length, -1, SINKS, LOCAL, sh.BlockSizes(block=128),
-                                  interpret=True)
+                                  interpret=True, bins=bins)
   np.testing.assert_array_equal(np.asarray(ref), want)
   np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_bins_hold_the_score_range():
+  assert [sh.bins_for(n) for n in (1, 130, 256, 257, 514, 1024)] == [256, 256, 256, 512,
+                                                                     1024, 1024]
+  with pytest.raises(ValueError, match="values must be an int in"):
+    sh.bins_for(1025)
+  length, scores, _ = problem(0)
+  with pytest.raises(ValueError, match="bins must be one of"):
+    sh.score_histogram_kernel(scores, length, -1, bins=128, interpret=True)
+  with pytest.raises(ValueError, match="bins must be one of"):
+    sh.score_histogram_reference(scores, length, -1, 0, 0, 128, bins=300)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -133,9 +133,11 @@ def test_table_match_counts_interprets_on_tpu(as_tpu, group, K, tables, capacity
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("block", [256, 100])  # the histogram's block need not be 128-aligned
-def test_score_histogram_lowers_for_tpu(as_tpu, block):
-  mosaic_module(lambda s, n: sh.score_histogram_kernel(s, n, -1, 4, 16, sh.BlockSizes(block)),
+@pytest.mark.parametrize("block, bins", [(256, 1024), (100, 1024), (256, 256)])  # the
+# histogram's block need not be 128-aligned
+def test_score_histogram_lowers_for_tpu(as_tpu, block, bins):
+  mosaic_module(lambda s, n: sh.score_histogram_kernel(s, n, -1, 4, 16, sh.BlockSizes(block),
+                                                       bins=bins),
                 jnp.zeros((2, 2, 1000), jnp.int32), jnp.array([1000, 333], jnp.int32))
 
 
@@ -146,12 +148,12 @@ def histogram_problem(capacity=310):  # 310: no multiple of 100 or 128
   return scores, jnp.array([capacity, capacity // 3], jnp.int32)
 
 
-@pytest.mark.parametrize("block", [128, 100])
-def test_score_histogram_interprets_on_tpu(as_tpu, block):
+@pytest.mark.parametrize("block, bins", [(128, 1024), (100, 1024), (128, 256)])
+def test_score_histogram_interprets_on_tpu(as_tpu, block, bins):
   scores, length = histogram_problem()
   got = sh.score_histogram_kernel(scores, length, -1, 4, 16, sh.BlockSizes(block),
-                                  interpret=INTERPRET)
-  want = sh.score_histogram_reference(scores, length, -1, 4, 16, block)
+                                  interpret=INTERPRET, bins=bins)
+  want = sh.score_histogram_reference(scores, length, -1, 4, 16, block, bins)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

@@ -96,9 +96,10 @@ def test_dense_decode_lowers_with_matrix_products(as_gpu, capsys, dtype):
   assert "inputPrecision = tf32" not in text
 
 
-def test_score_histogram_lowers_to_a_matrix_product(as_gpu, capsys):
+@pytest.mark.parametrize("bins", [256, 512, 1024])  # tl.dot takes 16 x 16 products and up
+def test_score_histogram_lowers_to_a_matrix_product(as_gpu, capsys, bins):
   text = triton_module(capsys, lambda s, n: sh.score_histogram_kernel(
-      s, n, -1, 4, 16, sh.BlockSizes(block=256)), jnp.zeros((1, 2, 1000), jnp.int32),
+      s, n, -1, 4, 16, sh.BlockSizes(block=256), bins=bins), jnp.zeros((1, 2, 1000), jnp.int32),
       jnp.array([1000], jnp.int32))
   assert "tt.dot" in text and masked(text, "tt.load") >= 1
 
