@@ -190,7 +190,9 @@ def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int
   threshold, need, ties_before, kept_before = counting_plan(hist, want, lo)
   positions = kept_positions.kept_positions_kernel(
       flat, length, threshold, need, ties_before, kept_before, sinks, local, size, block)
-  count = jnp.minimum(want, jnp.sum(hist, axis=(-2, -1)))
+  # The histograms count every eligible token: no pass over them needed for their number.
+  eligible = jnp.maximum(jnp.minimum(length.astype(jnp.int32) - local, capacity) - sinks, 0)
+  count = jnp.minimum(want, eligible[:, None])
   valid = jnp.arange(size, dtype=jnp.int32)[None, None, :] < count[..., None]
   positions = jnp.where(valid, positions, 0)  # the contract's legal positions
   return positions.reshape(lead + (size,)), valid.reshape(lead + (size,))

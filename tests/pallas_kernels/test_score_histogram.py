@@ -100,3 +100,24 @@ def kept_by_plan(scores, length, threshold, need):
         kept[b, h, j] = ties < need[b, h]
         ties += 1
   return kept
+
+
+@pytest.mark.parametrize("bins", [256, 1024])
+def test_top_of_residual_lists_what_top_lists(bins):
+  """The whole counting path (histograms, plan, kept positions) against ``selection.top``,
+  with rows shorter than the exact window and keeps past the eligible count: the same valid
+  slots, the same positions in them."""
+  rng = np.random.default_rng(bins)
+  capacity, size = 700, 80
+  length = jnp.array([700, 333, SINKS + LOCAL - 3, 0], jnp.int32)
+  scores = jnp.asarray(rng.integers(-1, bins - 1, size=(4, 3, capacity)), jnp.int32)
+  keep = jnp.asarray(rng.integers(0, 2 * size, size=(4, 3, 1)), jnp.int32)
+  positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+  want_pos, want_valid = selection.top(scores, residual_mask(positions, length, SINKS, LOCAL),
+                                       size, jnp.minimum(keep, size))
+  got_pos, got_valid = selection.top_of_residual(scores, length, SINKS, LOCAL, size, keep,
+                                                 (-1, bins - 2))
+  np.testing.assert_array_equal(np.asarray(got_valid), np.asarray(want_valid))
+  np.testing.assert_array_equal(np.where(want_valid, got_pos, 0),
+                                np.where(want_valid, want_pos, 0))
+  assert 0 < np.asarray(want_valid).sum() < want_valid.size  # full rows and capped ones
