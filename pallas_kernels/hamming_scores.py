@@ -3,7 +3,10 @@
 ``scores[b, h, s] = sum_g (D - popcount(q[b, h*G + g] ^ k[b, h, s]))`` for ``s < length[b]``
 and ``-1`` past it (below every real score). Padding bits past ``D`` are 0 in both codes.
 ``hamming_similarity``: the same per query (``[B, Hkv, G, S]``, not summed), each key block
-read once for its group (SimHash's per-query ranking and vAttention's proxies).
+read once for its group (SimHash's per-query ranking and vAttention's proxies), as ``int16``:
+its output is ``G`` times the summed scores', and read again by the selection's histogram and
+kept-positions kernels, so half the bytes of ``int32`` matter (similarities are at most
+``bits``, under ``2**15``).
 """
 
 from __future__ import annotations
@@ -112,21 +115,27 @@ def _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret):
 def hamming_similarity_reference(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
                                  bits: int) -> jax.Array:
   """Per query, not summed over the group: ``q_codes [B, Hq, W]``, ``k_codes [B, Hkv, S,
-  W]``, ``length int32 [B]`` -> ``int32 [B, Hkv, G, S]``, ``bits - popcount(q ^ k)``, and
+  W]``, ``length int32 [B]`` -> ``int16 [B, Hkv, G, S]``, ``bits - popcount(q ^ k)``, and
   ``-1`` at or past ``length``."""
+  _check_bits(bits)
   batch, num_q, words = q_codes.shape
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   qg = q_codes.reshape(batch, num_kv, num_q // num_kv, 1, words)
   diff = jnp.bitwise_xor(qg, k_codes[:, :, None, :, :])
   scores = bits - jnp.sum(jax.lax.population_count(diff), axis=-1, dtype=jnp.int32)
   positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
-  return jnp.where(positions < length[:, None, None, None], scores, -1)
+  return jnp.where(positions < length[:, None, None, None], scores, -1).astype(jnp.int16)
+
+
+def _check_bits(bits):
+  if not isinstance(bits, int) or not 0 < bits < 2**15:
+    raise ValueError(f"bits must be an int in [1, 2**15) (int16 similarities), got {bits!r}")
 
 
 def _per_query_kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, bits, block, capacity,
                       masked):
   # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
-  # o_ref: [1, 1, group, block] int32: each key block read once for the whole group
+  # o_ref: [1, 1, group, block] int16: each key block read once for the whole group
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
   mismatches = [jnp.zeros((block,), jnp.int32) for _ in range(group)]
@@ -136,7 +145,8 @@ def _per_query_kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, bits, block
       mismatches[g] += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
   hashed = positions < len_ref[0]
   for g in range(group):
-    backend.store(o_ref.at[0, 0, g, :], jnp.where(hashed, bits - mismatches[g], -1),
+    backend.store(o_ref.at[0, 0, g, :],
+                  jnp.where(hashed, bits - mismatches[g], -1).astype(jnp.int16),
                   mask=inside, masked=masked)
 
 
@@ -146,6 +156,7 @@ def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: ja
                               interpret: bool | None = None) -> jax.Array:
   """The Pallas kernel of ``hamming_similarity_reference`` (grid over batch, KV head and
   token blocks). GPU (Triton) and interpret mode; no TPU layout (the reference there)."""
+  _check_bits(bits)
   batch, num_q, words = q_codes.shape
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   group = num_q // num_kv
@@ -153,7 +164,7 @@ def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: ja
   return backend.pallas_call(
       functools.partial(_per_query_kernel, group=group, words=words, bits=bits, block=block,
                         capacity=capacity, masked=backend.masks_edges(interpret)),
-      out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, capacity), jnp.int32),
+      out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, capacity), jnp.int16),
       grid=(batch, num_kv, pl.cdiv(capacity, block)),
       in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
                 pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),

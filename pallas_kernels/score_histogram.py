@@ -54,12 +54,12 @@ def eligible_mask(positions: jax.Array, length: jax.Array, sinks: int, local: in
 
 def score_histogram_reference(scores: jax.Array, length: jax.Array, lo: int, sinks: int,
                               local: int, block: int, bins: int = BINS) -> jax.Array:
-  """The jnp twin: ``scores int32 [B, H, S]``, ``length int32 [B]`` -> ``int32 [B, H,
+  """The jnp twin: ``scores int16 or int32 [B, H, S]``, ``length int32 [B]`` -> ``int32 [B, H,
   ceil(S / block), bins]``. Eligible scores outside ``[lo, lo + bins)`` are not allowed."""
   _check_bins(bins)
   batch, heads, capacity = scores.shape
   blocks = -(-capacity // block)
-  padded = jnp.pad(scores, [(0, 0), (0, 0), (0, blocks * block - capacity)])
+  padded = jnp.pad(scores.astype(jnp.int32), [(0, 0), (0, 0), (0, blocks * block - capacity)])
   positions = jnp.arange(blocks * block, dtype=jnp.int32)[None, None, :]
   ok = eligible_mask(positions, length[:, None, None], sinks, local) & (positions < capacity)
   values = jnp.where(ok, padded - lo, bins)  # bins: dropped by the one-hot below
@@ -72,7 +72,7 @@ def _kernel(len_ref, s_ref, o_ref, *, block, lo, sinks, local, capacity, masked,
   # len_ref: [1] int32; s_ref: [1, 1, block] int32; o_ref: [1, 1, 1, high, low] int32
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
-  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked)
+  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked).astype(jnp.int32)
   ok = inside & eligible_mask(positions, len_ref[0], sinks, local)
   v = s - lo
   n_high, n_low = split  # v = n_low * (v >> shift) + (v & (n_low - 1))
@@ -95,6 +95,8 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
   """The Pallas kernel: grid over (batch, head, token block); same contract as the
   reference with ``block = block_sizes.block``."""
   _check_bins(bins)
+  if scores.dtype not in (jnp.int16, jnp.int32):
+    raise ValueError(f"scores must be int16 or int32, got {scores.dtype}")
   batch, heads, capacity = scores.shape
   block = block_sizes.block
   blocks = -(-capacity // block)
@@ -117,7 +119,7 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
       in_specs=[pl.BlockSpec((1,), lambda b, h, j: (b,)),
                 pl.BlockSpec((1, 1, block), lambda b, h, j: (b, h, j))],
       out_specs=out_spec, interpret=interpret, name="score_histogram")(
-          length.astype(jnp.int32), scores.astype(jnp.int32))
+          length.astype(jnp.int32), scores)  # int16 or int32: widened as loaded
   return hist.reshape(batch, heads, blocks, bins)
 
 

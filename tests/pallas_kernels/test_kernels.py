@@ -36,6 +36,7 @@ def test_hamming_similarity_kernel_equals_reference_per_query(group, dim, capaci
   got = hs.hamming_similarity_kernel(q, k, length, dim, hs.BlockSizes(tokens=block),
                                      interpret=True)
   want = hs.hamming_similarity_reference(q, k, length, dim)
+  assert got.dtype == want.dtype == jnp.int16  # half the bytes: read again by the selection
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # The reference against numpy bit counting; -1 past the length.
   bits = lambda c: np.unpackbits(np.asarray(c).view(np.uint8), axis=-1, bitorder="little")[  # noqa: E731

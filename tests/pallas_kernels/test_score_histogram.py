@@ -56,6 +56,17 @@ def test_bins_hold_the_score_range():
     sh.score_histogram_kernel(scores, length, -1, bins=128, interpret=True)
   with pytest.raises(ValueError, match="bins must be one of"):
     sh.score_histogram_reference(scores, length, -1, 0, 0, 128, bins=300)
+  with pytest.raises(ValueError, match="scores must be int16 or int32"):
+    sh.score_histogram_kernel(scores.astype(jnp.uint8), length, -1, interpret=True)
+
+
+def test_histogram_kernel_takes_int16_scores():
+  """``hamming_similarity``'s int16 similarities are counted as they are (no widening pass)."""
+  length, scores, _ = problem(5, score_max=255)
+  want = numpy_histogram(scores, length, -1, 128, 256)
+  got = sh.score_histogram_kernel(scores.astype(jnp.int16), length, -1, SINKS, LOCAL,
+                                  sh.BlockSizes(block=128), interpret=True, bins=256)
+  np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -96,19 +96,21 @@ def test_dense_decode_lowers_with_matrix_products(as_gpu, capsys, dtype):
   assert "inputPrecision = tf32" not in text
 
 
-@pytest.mark.parametrize("bins", [256, 512, 1024])  # tl.dot takes 16 x 16 products and up
-def test_score_histogram_lowers_to_a_matrix_product(as_gpu, capsys, bins):
+@pytest.mark.parametrize("bins, dtype", [(256, jnp.int16), (512, jnp.int32), (1024, jnp.int32)])
+def test_score_histogram_lowers_to_a_matrix_product(as_gpu, capsys, bins, dtype):
+  # tl.dot takes 16 x 16 products and up; int16 scores: hamming_similarity's
   text = triton_module(capsys, lambda s, n: sh.score_histogram_kernel(
-      s, n, -1, 4, 16, sh.BlockSizes(block=256), bins=bins), jnp.zeros((1, 2, 1000), jnp.int32),
+      s, n, -1, 4, 16, sh.BlockSizes(block=256), bins=bins), jnp.zeros((1, 2, 1000), dtype),
       jnp.array([1000], jnp.int32))
   assert "tt.dot" in text and masked(text, "tt.load") >= 1
 
 
-def test_kept_positions_lowers_to_a_prefix_sum_and_a_scattered_store(as_gpu, capsys):
+@pytest.mark.parametrize("dtype", [jnp.int16, jnp.int32])  # SimHash's and Spotlight's scores
+def test_kept_positions_lowers_to_a_prefix_sum_and_a_scattered_store(as_gpu, capsys, dtype):
   blocks = jnp.zeros((1, 2, 4), jnp.int32)
   text = triton_module(capsys, lambda s, n, t, need, tb, kb: kp.kept_positions_kernel(
       s, n, t, need, tb, kb, sinks=4, local=16, size=64, block=256),
-      jnp.zeros((1, 2, 1000), jnp.int32), jnp.array([1000], jnp.int32),
+      jnp.zeros((1, 2, 1000), dtype), jnp.array([1000], jnp.int32),
       jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), blocks, blocks)
   assert "tt.scan" in text and "tt.store" in text
 
