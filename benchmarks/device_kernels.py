@@ -160,7 +160,7 @@ def check_equal(interpret: bool) -> list[dict]:
                "max_diff": attempt(kept_diff)})
   rows += poisson_rows(rng, interpret)
   lengths = jnp.array([1000, 333], jnp.int32)
-  rows.append({"kernel": "hamming_similarity", "dtype": "uint32 (int32 similarities)",
+  rows.append({"kernel": "hamming_similarity", "dtype": "uint32 (int16 similarities)",
                "max_diff": attempt(lambda: max_diff(
                    hs.hamming_similarity_kernel(q, k, lengths, 128, hs.BlockSizes(tokens=256),
                                                 interpret=interpret),

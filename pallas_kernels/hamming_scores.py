@@ -3,10 +3,10 @@
 ``scores[b, h, s] = sum_g (D - popcount(q[b, h*G + g] ^ k[b, h, s]))`` for ``s < length[b]``
 and ``-1`` past it (below every real score). Padding bits past ``D`` are 0 in both codes.
 ``hamming_similarity``: the same per query (``[B, Hkv, G, S]``, not summed), each key block
-read once for its group (SimHash's per-query ranking and vAttention's proxies), as ``int16``:
-its output is ``G`` times the summed scores', and read again by the selection's histogram and
-kept-positions kernels, so half the bytes of ``int32`` matter (similarities are at most
-``bits``, under ``2**15``).
+read once for its group (SimHash's per-query ranking and vAttention's proxies). Its output
+is ``G`` times as large as the summed scores' and the selection's histogram and
+kept-positions kernels read it again, so it is ``int16`` (similarities are at most ``bits``,
+under ``2**15``): half the bytes of ``int32``.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def score_histogram_reference(scores: jax.Array, length: jax.Array, lo: int, sin
 
 
 def _kernel(len_ref, s_ref, o_ref, *, block, lo, sinks, local, capacity, masked, split):
-  # len_ref: [1] int32; s_ref: [1, 1, block] int32; o_ref: [1, 1, 1, high, low] int32
+  # len_ref: [1] int32; s_ref: [1, 1, block] int16 or int32; o_ref: [1, 1, 1, high, low] int32
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
   s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked).astype(jnp.int32)
