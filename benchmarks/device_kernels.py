@@ -165,9 +165,36 @@ def check_equal(interpret: bool) -> list[dict]:
                    hs.hamming_similarity_kernel(q, k, lengths, 128, hs.BlockSizes(tokens=256),
                                                 interpret=interpret),
                    hs.hamming_similarity_reference(q, k, lengths, 128)))})
+  rows += counted_rows(q, k, lengths, interpret)
   for row in rows:
     tolerance = 0 if row["dtype"].startswith("uint") else 1e-4
     row["ok"] = not isinstance(row["max_diff"], str) and row["max_diff"] <= tolerance
+  return rows
+
+
+def counted_rows(q, k, lengths, interpret: bool) -> list[dict]:
+  """The Hamming kernels' fused variants (scores and their block histograms) against their
+  references and ``score_histogram_reference``, the cache's lengths past the hashed ones."""
+  cache_lengths = lengths + jnp.array([0, 500], jnp.int32)
+  group = q.shape[1] // k.shape[1]
+  rows = []
+  for name, kernel, reference, top in (
+      ("hamming_scores", hs.hamming_scores_kernel, hs.hamming_scores_reference, group * 128),
+      ("hamming_similarity", hs.hamming_similarity_kernel, hs.hamming_similarity_reference,
+       128)):
+    spec = sh.Histogram(-1, 4, 16, sh.bins_for(top + 2))  # scores -1 .. top
+
+    def diff(kernel=kernel, reference=reference, spec=spec):
+      scores, hist = kernel(q, k, lengths, 128, histogram=spec, cache_length=cache_lengths,
+                            interpret=interpret)
+      want = reference(q, k, lengths, 128)
+      want_hist = sh.score_histogram_reference(
+          want.reshape(want.shape[0], -1, want.shape[-1]), cache_lengths, spec.lo, spec.sinks,
+          spec.local, sh.BlockSizes().block, spec.bins)
+      return max(max_diff(scores, want), max_diff(hist.reshape(want_hist.shape), want_hist))
+
+    rows.append({"kernel": f"{name}, counted ({spec.bins} bins)",
+                 "dtype": "uint32 (scores and int32 counts)", "max_diff": attempt(diff)})
   return rows
 
 

@@ -42,6 +42,7 @@ import sparse_attn as sa
 from benchmarks import harness
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as da
+from pallas_kernels import hamming_scores as hs
 from pallas_kernels import pack_signs as ps
 from pallas_kernels import score_histogram
 from sparse_attn import hash_heads, synthetic
@@ -219,28 +220,35 @@ def retrieval_rows(args, report, save):
     length = jnp.array([tokens], jnp.int32)
     keep = math.ceil(0.02 * tokens)
     eligible = jnp.ones((1, KV_HEADS, tokens), bool)
+    score_range = (-1, GROUP * HEAD_DIM)
+    spec = selection.histogram_for(score_range, 0, 0)
+    scored = lambda select: lambda qc: select(  # noqa: E731
+        hash_heads.hamming_scores(qc, k_codes, HEAD_DIM, length))
+    counted_top = lambda s, hist: selection.top_of_residual(  # noqa: E731
+        s, length, 0, 0, keep, keep, score_range, hist)[0]
     top_by = {
-        "scores only": None,
-        "counting": lambda s: selection.top(s, eligible, keep, keep, (-1, GROUP * HEAD_DIM),
-                                            counting=True)[0],
-        "bisection": lambda s: selection.top(s, eligible, keep, keep, counting=False)[0],
-        "lax.top_k": lambda s: jax.lax.top_k(s, keep)[1],
+        "scores only": scored(lambda s: s),
+        "counting": scored(lambda s: selection.top(s, eligible, keep, keep, score_range,
+                                                   counting=True)[0]),
+        "bisection": scored(lambda s: selection.top(s, eligible, keep, keep, counting=False)[0]),
+        "lax.top_k": scored(lambda s: jax.lax.top_k(s, keep)[1]),
         # Histograms, then the threshold, the ties to keep and the ties before each block:
         # the kept set, without a list of positions.
-        "kept positions": lambda s: selection.top_of_residual(
-            s, length, 0, 0, keep, keep, (-1, GROUP * HEAD_DIM))[0],
-        "histogram plan": lambda s: jnp.concatenate([
+        "kept positions": scored(lambda s: selection.top_of_residual(
+            s, length, 0, 0, keep, keep, score_range)[0]),
+        # The same with the histograms counted by the scoring kernel (the decode path).
+        "counted, kept positions": lambda qc: counted_top(*hs.hamming_scores_kernel(
+            qc, k_codes, length, HEAD_DIM, histogram=spec, cache_length=length)),
+        "histogram plan": scored(lambda s: jnp.concatenate([
             x.reshape(1, KV_HEADS, -1) for x in selection.counting_plan(
                 score_histogram.score_histogram_kernel(s, length, -1),
-                jnp.full((1, KV_HEADS), keep, jnp.int32), -1)], axis=-1),
+                jnp.full((1, KV_HEADS), keep, jnp.int32), -1)], axis=-1)),
     }
     row = {"tokens": tokens, "kv_heads": KV_HEADS, "bits": HEAD_DIM, "keep": keep, "us": {}}
     report["retrieval"].append(row)
-    for name, select in top_by.items():
-      def body(total, qc, select=select):
-        s = hash_heads.hamming_scores(qc, k_codes, HEAD_DIM, length)
-        picked = s if select is None else select(s)
-        return total + jnp.sum(picked[..., :8]), None
+    for name, retrieve in top_by.items():
+      def body(total, qc, retrieve=retrieve):
+        return total + jnp.sum(retrieve(qc)[..., :8]), None
 
       loop = jax.jit(lambda qs, body=body: jax.lax.scan(body, jnp.int32(0), qs)[0])
       try:

@@ -66,7 +66,7 @@ def target(name: str) -> Iterator[None]:
 # references in interpret mode, but not yet compiled on a device of VERIFIED. The
 # estimators call them only where SPARSE_ATTN_PALLAS=1 asks for every kernel.
 PENDING: frozenset[str] = frozenset({"kept_positions", "poisson_positions",
-                                     "hamming_similarity"})
+                                     "hamming_similarity", "hamming_counted"})
 
 
 def use_kernels(name: str | None = None) -> bool:

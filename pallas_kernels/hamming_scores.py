@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend
+from pallas_kernels import backend, score_histogram
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +49,11 @@ def popcount32(x: jax.Array) -> jax.Array:
   return ((x * 0x01010101) >> 24).astype(jnp.int32)
 
 
-def _kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, head_dim, block, capacity, masked):
+def _kernel(len_ref, q_ref, k_ref, *refs, group, words, head_dim, block, capacity, masked,
+            histogram):
   # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
-  # o_ref: [1, 1, block] int32; the last block may reach past ``capacity``
+  # refs: o_ref [1, 1, block] int32 (the last block may reach past ``capacity``), or with a
+  # histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, 1, 1, high, low] int32)
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
   mismatches = jnp.zeros((block,), jnp.int32)
@@ -59,34 +61,83 @@ def _kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, head_dim, block, capa
     column = backend.load(k_ref.at[0, 0, :, w], mask=inside, other=0, masked=masked)
     for g in range(group):
       mismatches += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
-  backend.store(o_ref.at[0, 0, :],
-                jnp.where(positions < len_ref[0], group * head_dim - mismatches, -1),
-                mask=inside, masked=masked)
+  scores = jnp.where(positions < len_ref[0], group * head_dim - mismatches, -1)
+  backend.store(refs[-2 if histogram else 0].at[0, 0, :], scores, mask=inside, masked=masked)
+  if histogram:
+    refs[-1][0, 0, 0, 0] = _counts(scores, positions, inside, refs[0][0], histogram)
 
 
-@functools.partial(jax.jit, static_argnames=["head_dim", "block_sizes", "interpret"])
+def _counts(scores, positions, inside, cache_length, histogram):
+  """The fused variants' block histogram: eligible by the cache's length (tokens not
+  hashed yet score -1 and count)."""
+  eligible = inside & score_histogram.eligible_mask(positions, cache_length, histogram.sinks,
+                                                    histogram.local)
+  return score_histogram.block_counts(scores, eligible, histogram.lo, histogram.bins)
+
+
+def _histogram_call(kernel, rows, grid, in_specs, out_shape, out_spec, histogram, name,
+                    interpret, *args):
+  """``pallas_call`` of a scoring kernel, with ``histogram`` its fused variant: the cache's
+  length as a fourth input and ``[B, Hkv, rows, blocks, bins]`` block histograms as a
+  second output (``rows``: 1 summed, ``G`` per query)."""
+  if histogram is None:
+    return backend.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                               out_specs=out_spec, interpret=interpret, name=name)(*args)
+  batch, num_kv, blocks = grid
+  high, low = histogram.widths
+  scores, hist = backend.pallas_call(
+      kernel, out_shape=(out_shape, jax.ShapeDtypeStruct((batch, num_kv, rows, blocks, high,
+                                                          low), jnp.int32)),
+      grid=grid, in_specs=in_specs + [pl.BlockSpec((1,), lambda b, h, s: (b,))],
+      out_specs=(out_spec, pl.BlockSpec((1, 1, rows, 1, high, low),
+                                        lambda b, h, s: (b, h, 0, s, 0, 0))),
+      interpret=interpret, name=name + "_counted")(*args)
+  return scores, hist.reshape(batch, num_kv, rows, blocks, histogram.bins)
+
+
+def _fused_block(histogram, block_sizes, capacity):
+  """The token block: the histogram's where fused, else up to ``block_sizes.tokens``."""
+  if histogram is not None:
+    return score_histogram.BlockSizes().block
+  return min(block_sizes.tokens, pl.next_power_of_2(capacity))
+
+
+@functools.partial(jax.jit, static_argnames=["head_dim", "block_sizes", "interpret",
+                                             "histogram"])
 def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
                           head_dim: int, block_sizes: BlockSizes = BlockSizes(),
-                          interpret: bool | None = None) -> jax.Array:
-  """The Pallas kernel: grid over (batch, KV head, token blocks); tiles any ``S``."""
+                          interpret: bool | None = None,
+                          histogram: score_histogram.Histogram | None = None,
+                          cache_length: jax.Array | None = None):
+  """The Pallas kernel: grid over (batch, KV head, token blocks); tiles any ``S``.
+
+  With ``histogram`` (and ``cache_length int32 [B]``, whose residual is eligible), the
+  fused variant: ``(scores, hist int32 [B, Hkv, 1, blocks, bins])``, ``hist`` equal to
+  ``score_histogram_reference(scores, cache_length, ...)`` over blocks of
+  ``score_histogram.BlockSizes().block`` tokens, so the selection reads no score to count
+  them. GPU (Triton) and interpret mode only."""
   batch, num_q, words = q_codes.shape
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   group = num_q // num_kv
   length = length.astype(jnp.int32)
   if backend.mosaic_layout(interpret):
+    if histogram is not None:
+      raise ValueError("histogram: no fused variant on a TPU (score_histogram_kernel there)")
     return _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret)
-  block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
-  return backend.pallas_call(
+  block = _fused_block(histogram, block_sizes, capacity)
+  grid = (batch, num_kv, pl.cdiv(capacity, block))
+  args = (length, q_codes, k_codes) + (() if histogram is None else (
+      cache_length.astype(jnp.int32),))
+  return _histogram_call(
       functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
-                        capacity=capacity,
-                        masked=backend.masks_edges(interpret)),
-      out_shape=jax.ShapeDtypeStruct((batch, num_kv, capacity), jnp.int32),
-      grid=(batch, num_kv, pl.cdiv(capacity, block)),
-      in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
-                pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
-                pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
-      out_specs=pl.BlockSpec((1, 1, block), lambda b, h, s: (b, h, s)),
-      interpret=interpret, name="hamming_scores")(length, q_codes, k_codes)
+                        capacity=capacity, masked=backend.masks_edges(interpret),
+                        histogram=histogram), 1, grid,
+      [pl.BlockSpec((1,), lambda b, h, s: (b,)),
+       pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
+       pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
+      jax.ShapeDtypeStruct((batch, num_kv, capacity), jnp.int32),
+      pl.BlockSpec((1, 1, block), lambda b, h, s: (b, h, s)), histogram, "hamming_scores",
+      interpret, *args)
 
 
 def _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret):
@@ -100,7 +151,7 @@ def _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret):
   block = backend.tpu_tile(block_sizes.tokens, capacity, 128)
   out = backend.pallas_call(
       functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
-                        capacity=capacity, masked=False),
+                        capacity=capacity, masked=False, histogram=None),
       out_shape=jax.ShapeDtypeStruct((batch, num_kv, 1, capacity), jnp.int32),
       grid=(batch, num_kv, pl.cdiv(capacity, block)),
       in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, s: (b, 0, 0)),
@@ -132,10 +183,11 @@ def _check_bits(bits):
     raise ValueError(f"bits must be an int in [1, 2**15) (int16 similarities), got {bits!r}")
 
 
-def _per_query_kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, bits, block, capacity,
-                      masked):
+def _per_query_kernel(len_ref, q_ref, k_ref, *refs, group, words, bits, block, capacity,
+                      masked, histogram):
   # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
-  # o_ref: [1, 1, group, block] int16: each key block read once for the whole group
+  # refs: o_ref [1, 1, group, block] int16 (each key block read once for the whole group), or
+  # with a histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, group, 1, high, low] int32)
   positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
   inside = positions < capacity
   mismatches = [jnp.zeros((block,), jnp.int32) for _ in range(group)]
@@ -145,33 +197,41 @@ def _per_query_kernel(len_ref, q_ref, k_ref, o_ref, *, group, words, bits, block
       mismatches[g] += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
   hashed = positions < len_ref[0]
   for g in range(group):
-    backend.store(o_ref.at[0, 0, g, :],
-                  jnp.where(hashed, bits - mismatches[g], -1).astype(jnp.int16),
+    scores = jnp.where(hashed, bits - mismatches[g], -1)
+    backend.store(refs[-2 if histogram else 0].at[0, 0, g, :], scores.astype(jnp.int16),
                   mask=inside, masked=masked)
+    if histogram:
+      refs[-1][0, 0, g, 0] = _counts(scores, positions, inside, refs[0][0], histogram)
 
 
-@functools.partial(jax.jit, static_argnames=["bits", "block_sizes", "interpret"])
+@functools.partial(jax.jit, static_argnames=["bits", "block_sizes", "interpret", "histogram"])
 def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
                               bits: int, block_sizes: BlockSizes = BlockSizes(),
-                              interpret: bool | None = None) -> jax.Array:
+                              interpret: bool | None = None,
+                              histogram: score_histogram.Histogram | None = None,
+                              cache_length: jax.Array | None = None):
   """The Pallas kernel of ``hamming_similarity_reference`` (grid over batch, KV head and
-  token blocks). GPU (Triton) and interpret mode; no TPU layout (the reference there)."""
+  token blocks). GPU (Triton) and interpret mode; no TPU layout (the reference there).
+  With ``histogram``, the fused variant, as ``hamming_scores_kernel``'s: ``(similarities,
+  hist int32 [B, Hkv, G, blocks, bins])``."""
   _check_bits(bits)
   batch, num_q, words = q_codes.shape
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   group = num_q // num_kv
-  block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
-  return backend.pallas_call(
+  block = _fused_block(histogram, block_sizes, capacity)
+  grid = (batch, num_kv, pl.cdiv(capacity, block))
+  args = (length.astype(jnp.int32), q_codes, k_codes) + (() if histogram is None else (
+      cache_length.astype(jnp.int32),))
+  return _histogram_call(
       functools.partial(_per_query_kernel, group=group, words=words, bits=bits, block=block,
-                        capacity=capacity, masked=backend.masks_edges(interpret)),
-      out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, capacity), jnp.int16),
-      grid=(batch, num_kv, pl.cdiv(capacity, block)),
-      in_specs=[pl.BlockSpec((1,), lambda b, h, s: (b,)),
-                pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
-                pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
-      out_specs=pl.BlockSpec((1, 1, group, block), lambda b, h, s: (b, h, 0, s)),
-      interpret=interpret, name="hamming_similarity")(length.astype(jnp.int32), q_codes,
-                                                      k_codes)
+                        capacity=capacity, masked=backend.masks_edges(interpret),
+                        histogram=histogram), group, grid,
+      [pl.BlockSpec((1,), lambda b, h, s: (b,)),
+       pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
+       pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
+      jax.ShapeDtypeStruct((batch, num_kv, group, capacity), jnp.int16),
+      pl.BlockSpec((1, 1, group, block), lambda b, h, s: (b, h, 0, s)), histogram,
+      "hamming_similarity", interpret, *args)
 
 
 def hamming_similarity(q_codes, k_codes, length, bits: int) -> jax.Array:
@@ -187,3 +247,33 @@ def hamming_scores(q_codes, k_codes, length, head_dim: int) -> jax.Array:
   if backend.use_kernels():
     return hamming_scores_kernel(q_codes, k_codes, length, head_dim)
   return hamming_scores_reference(q_codes, k_codes, length, head_dim)
+
+
+
+def hamming_scores_counted(q_codes, k_codes, length, head_dim: int, cache_length,
+                           histogram: score_histogram.Histogram):
+  """``(scores [B, Hkv, S], hist [B, Hkv, 1, blocks, bins])``: ``hamming_scores`` and the
+  block histograms of its scores eligible by ``cache_length``; the fused kernel where the
+  kernels are used outside a TPU, else the scores and then ``score_histogram_kernel``."""
+  return _counted(hamming_scores_kernel, hamming_scores, q_codes, k_codes, length, head_dim,
+                  cache_length, histogram)
+
+
+def hamming_similarity_counted(q_codes, k_codes, length, bits: int, cache_length,
+                               histogram: score_histogram.Histogram):
+  """``(similarities [B, Hkv, G, S], hist [B, Hkv, G, blocks, bins])``: as
+  ``hamming_scores_counted``, per query."""
+  return _counted(hamming_similarity_kernel, hamming_similarity, q_codes, k_codes, length,
+                  bits, cache_length, histogram)
+
+
+def _counted(fused, unfused, q_codes, k_codes, length, size, cache_length, histogram):
+  if backend.use_kernels("hamming_counted") and not backend.mosaic_layout(None):
+    return fused(q_codes, k_codes, length, size, histogram=histogram,
+                 cache_length=cache_length)
+  out = unfused(q_codes, k_codes, length, size)
+  batch, num_kv, capacity = out.shape[0], out.shape[1], out.shape[-1]
+  hist = score_histogram.score_histogram_kernel(
+      out.reshape(batch, -1, capacity), cache_length, histogram.lo, histogram.sinks,
+      histogram.local, bins=histogram.bins)
+  return out, hist.reshape((batch, num_kv, -1) + hist.shape[-2:])

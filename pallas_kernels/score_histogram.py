@@ -47,6 +47,25 @@ class BlockSizes:
   block: int = 1024  # tokens per histogram (and per grid step)
 
 
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+  """What a scoring kernel counts beside its scores (``hamming_scores``' fused variants):
+  per block of ``BlockSizes().block`` tokens, the eligible scores ``lo .. lo + bins - 1``."""
+
+  lo: int
+  sinks: int
+  local: int
+  bins: int
+
+  def __post_init__(self):
+    _check_bins(self.bins)
+
+  @property
+  def widths(self) -> tuple[int, int]:
+    """``(high, low)``: the one-hot widths of ``block_counts``' product."""
+    return _SPLITS[self.bins]
+
+
 def eligible_mask(positions: jax.Array, length: jax.Array, sinks: int, local: int) -> jax.Array:
   """``positions [..., n]`` and ``length`` broadcastable to ``[..., 1]``."""
   return (positions >= sinks) & (positions < length - local)
@@ -68,23 +87,29 @@ def score_histogram_reference(scores: jax.Array, length: jax.Array, lo: int, sin
   return jnp.sum(onehot, axis=3, dtype=jnp.int32)
 
 
-def _kernel(len_ref, s_ref, o_ref, *, block, lo, sinks, local, capacity, masked, split):
-  # len_ref: [1] int32; s_ref: [1, 1, block] int16 or int32; o_ref: [1, 1, 1, high, low] int32
-  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
-  inside = positions < capacity
-  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked).astype(jnp.int32)
-  ok = inside & eligible_mask(positions, len_ref[0], sinks, local)
-  v = s - lo
-  n_high, n_low = split  # v = n_low * (v >> shift) + (v & (n_low - 1))
+def block_counts(scores: jax.Array, eligible: jax.Array, lo: int, bins: int) -> jax.Array:
+  """Inside a kernel: ``int32 [high, low]``, the histogram of one block's eligible ``scores
+  [block]`` (``lo + v`` counted at ``[v // low, v % low]``), by one one-hot product."""
+  n_high, n_low = _SPLITS[bins]
+  v = scores.astype(jnp.int32) - lo
   shift = n_low.bit_length() - 1
   high_lanes = jnp.arange(n_high, dtype=jnp.int32)[None, :]
   low_lanes = jnp.arange(n_low, dtype=jnp.int32)[None, :]
-  high = jnp.where(ok[:, None] & ((v[:, None] >> shift) == high_lanes), 1.0, 0.0).astype(
+  high = jnp.where(eligible[:, None] & ((v[:, None] >> shift) == high_lanes), 1.0, 0.0).astype(
       jnp.bfloat16)
   low = jnp.where((v[:, None] & (n_low - 1)) == low_lanes, 1.0, 0.0).astype(jnp.bfloat16)
   counts = jax.lax.dot_general(high, low, (((0,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # [high, low]
-  o_ref[0, 0, 0] = counts.astype(jnp.int32)
+                               preferred_element_type=jnp.float32)  # exact: at most block
+  return counts.astype(jnp.int32)
+
+
+def _kernel(len_ref, s_ref, o_ref, *, block, lo, sinks, local, capacity, masked, bins):
+  # len_ref: [1] int32; s_ref: [1, 1, block] int16 or int32; o_ref: [1, 1, 1, high, low] int32
+  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
+  inside = positions < capacity
+  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked)
+  o_ref[0, 0, 0] = block_counts(s, inside & eligible_mask(positions, len_ref[0], sinks, local),
+                                lo, bins)
 
 
 @functools.partial(jax.jit, static_argnames=["lo", "sinks", "local", "block_sizes", "interpret",
@@ -102,8 +127,7 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
   blocks = -(-capacity // block)
   high, low = _SPLITS[bins]
   kernel = functools.partial(_kernel, block=block, lo=lo, sinks=sinks, local=local,
-                             capacity=capacity, masked=backend.masks_edges(interpret),
-                             split=(high, low))
+                             capacity=capacity, masked=backend.masks_edges(interpret), bins=bins)
   out_shape = jax.ShapeDtypeStruct((batch, heads, blocks, high, low), jnp.int32)
   out_spec = pl.BlockSpec((1, 1, 1, high, low), lambda b, h, j: (b, h, j, 0, 0))
   if backend.mosaic_layout(interpret):

@@ -76,7 +76,14 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
     keys, values, length = cache
     capacity = keys.shape[2]
     qg = group_queries(q, keys.shape[1])
-    scores = pred.scores(qg, cache, index)  # [B, Hkv, G, S]
+    score_range = pred.score_range and pred.score_range(qg.shape[2], qg.shape[3])
+    counting = selection.counts_with_kernels(score_range)
+    hist = None
+    if counting and pred.counted is not None:  # histograms counted as the scores are made
+      scores, hist = pred.counted(qg, cache, index,
+                                  selection.histogram_for(score_range, sinks, local))
+    else:
+      scores = pred.scores(qg, cache, index)  # [B, Hkv, G, S]
     if pred.shared_by_group:
       scores = scores[:, :, :1]
     positions = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
@@ -88,10 +95,9 @@ def topk(k: int | None = None, fraction: float | None = None, sinks: int = 4, lo
       n = length.astype(jnp.float32)
       keep = jnp.maximum(jnp.minimum(n, min_tokens), jnp.ceil(fraction * n)).astype(jnp.int32)
       keep = keep[:, None, None, None]
-    score_range = pred.score_range and pred.score_range(qg.shape[2], qg.shape[3])
-    if selection.counts_with_kernels(score_range):
+    if counting:
       top_pos, top_mask = selection.top_of_residual(scores, length, sinks, local, k_max, keep,
-                                                    score_range)
+                                                    score_range, hist)
     else:
       top_pos, top_mask = selection.top(scores, residual, k_max, keep, score_range)
     count = jnp.sum(top_mask, axis=-1, dtype=jnp.int32)  # valid entries come first

@@ -19,7 +19,11 @@ from sparse_attn.types import KVCache, check_key, donated_index_hint, within_cap
 
 class Scorer(NamedTuple):
   """A predictor's functions: ``state = init(cache, key)``; ``state = append(state, cache)``;
-  ``scores(qg [B, Hkv, G, D], cache, state) -> [B, Hkv, G, S]`` (float32 or int32)."""
+  ``scores(qg [B, Hkv, G, D], cache, state) -> [B, Hkv, G, S]`` (float32 or integer);
+  hashing predictors also ``counted(qg, cache, state, histogram) -> (scores, hist)``: the
+  scores (``[B, Hkv, 1, S]`` where ``shared_by_group``) and their block histograms
+  (``pallas_kernels.score_histogram``), counted as they are scored, for the selection by
+  counting (``selection.top_of_residual``)."""
 
   init: Callable[[KVCache, jax.Array], Any]
   append: Callable[[Any, KVCache], Any]
@@ -32,6 +36,7 @@ class Scorer(NamedTuple):
   # ``state -> [B, Hkv, D]``: the mean the keys were centred on before hashing (SimHash), or
   # None (uncentred codes).
   key_mean: Callable[[Any], jax.Array] | None = None
+  counted: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
 
 class SimHashState(NamedTuple):
@@ -159,19 +164,24 @@ def simhash_scorer(bits: int, sinks: int, local: int, append_chunk: int,
                          jnp.zeros((batch, num_kv, capacity), NORM_DTYPE) if norms else None)
     return filled(state, cache, derive, bits + head_dim)
 
+  def query_codes(qg, state):  # [B, Hq, W]
+    batch, num_kv, group, _ = qg.shape
+    return lsh.simhash(qg, state.planes, 32, words).reshape(batch, num_kv * group, words)
+
+  # Tokens not hashed yet (at or past state.length) score -1 (rank_unhashed_last); the
+  # kernel reads each key's code once for its group.
   def scores(qg, cache, state):
-    q_codes = lsh.simhash(qg, state.planes, 32, words)  # [B, Hkv, G, W]
-    # Tokens not hashed yet (at or past state.length) score -1 (rank_unhashed_last); the
-    # kernel reads each key's code once for its group.
-    batch, num_kv, group, _ = q_codes.shape
-    return pallas_hamming.hamming_similarity(q_codes.reshape(batch, num_kv * group, words),
-                                             state.codes, state.length, bits).reshape(
-                                                 batch, num_kv, group, -1)
+    return pallas_hamming.hamming_similarity(query_codes(qg, state), state.codes,
+                                             state.length, bits).reshape(qg.shape[:3] + (-1,))
+
+  def counted(qg, cache, state, histogram):
+    return pallas_hamming.hamming_similarity_counted(
+        query_codes(qg, state), state.codes, state.length, bits, cache.length, histogram)
 
   append = code_appender(derive, append_chunk)
   return Scorer(init, append, scores, reads_all_keys=False,
                 score_range=lambda group, head_dim: (-1, bits),
-                key_mean=lambda state: state.key_mean)
+                key_mean=lambda state: state.key_mean, counted=counted)
 
 
 class SpotlightState(NamedTuple):
@@ -204,13 +214,22 @@ def spotlight_scorer(params: dict, append_chunk: int, norms: bool) -> Scorer:
                            jnp.zeros((batch, num_kv, capacity), NORM_DTYPE) if norms else None)
     return filled(state, cache, derive, 4 * head_dim)  # the MLP's activations
 
+  def query_codes(qg, state):  # [B, Hq, W]
+    batch, num_kv, group, _ = qg.shape
+    return hash_heads.hash(state.params, qg).reshape(batch, num_kv * group, -1)
+
   def scores(qg, cache, state):
-    batch, num_kv, group, head_dim = qg.shape
-    q_codes = hash_heads.hash(state.params, qg).reshape(batch, num_kv * group, -1)
     # [B, Hkv, S]; tokens not hashed yet (not appended) score -1, below every other.
-    sim = hash_heads.hamming_scores(q_codes, state.codes, head_dim, state.length)
-    return jnp.broadcast_to(sim[:, :, None, :], (batch, num_kv, group, sim.shape[-1]))
+    sim = hash_heads.hamming_scores(query_codes(qg, state), state.codes, qg.shape[-1],
+                                    state.length)
+    return jnp.broadcast_to(sim[:, :, None, :], qg.shape[:3] + sim.shape[-1:])
+
+  def counted(qg, cache, state, histogram):
+    sim, hist = pallas_hamming.hamming_scores_counted(
+        query_codes(qg, state), state.codes, state.length, qg.shape[-1], cache.length,
+        histogram)
+    return sim[:, :, None, :], hist
 
   append = code_appender(derive, append_chunk)
   return Scorer(init, append, scores, reads_all_keys=False, shared_by_group=True,
-                   score_range=lambda group, head_dim: (-1, group * head_dim))
+                score_range=lambda group, head_dim: (-1, group * head_dim), counted=counted)

@@ -162,9 +162,17 @@ def counts_with_kernels(score_range: tuple[int, int] | None) -> bool:
           and backend.use_kernels("kept_positions"))
 
 
+def histogram_for(score_range: tuple[int, int], sinks: int,
+                  local: int) -> score_histogram.Histogram:
+  """What ``top_of_residual`` counts: the residual's scores in ``score_range``, in the
+  fewest bins that hold it."""
+  lo, hi = score_range
+  return score_histogram.Histogram(lo, sinks, local, score_histogram.bins_for(hi - lo + 1))
+
+
 def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int, size: int,
-                    keep: jax.Array | int,
-                    score_range: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+                    keep: jax.Array | int, score_range: tuple[int, int],
+                    hist: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """``top(scores, residual, size, keep, score_range)`` for the residual of an exact window
   (``sinks <= position < length - local``), by three kernels and no pass of XLA over the
   tokens: per-block score histograms, the plan drawn from them (``counting_plan``), and
@@ -175,6 +183,9 @@ def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int
     length: ``int32 [B]``.
     sinks, local, size, score_range: static.
     keep: an int or an int array broadcastable to ``[B, ..., 1]``.
+    hist: the scores' block histograms (``[B, ..., blocks, bins]`` of
+      ``histogram_for(score_range, sinks, local)``), counted as they were scored
+      (``Scorer.counted``), or None to count them here.
 
   Returns:
     ``(positions int32 [B, ..., size], valid bool [B, ..., size])``, as ``top``.
@@ -183,8 +194,11 @@ def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int
   flat = scores.reshape(lead[0], -1, capacity)
   lo = score_range[0]
   block = score_histogram.BlockSizes().block
-  hist = score_histogram.score_histogram_kernel(
-      flat, length, lo, sinks, local, bins=score_histogram.bins_for(score_range[1] - lo + 1))
+  if hist is None:
+    spec = histogram_for(score_range, sinks, local)
+    hist = score_histogram.score_histogram_kernel(flat, length, lo, sinks, local,
+                                                  bins=spec.bins)
+  hist = hist.reshape(flat.shape[:2] + hist.shape[-2:])
   keep = jnp.minimum(jnp.asarray(keep, jnp.int32), size)
   want = jnp.broadcast_to(keep, lead + (1,)).reshape(flat.shape[:2])
   threshold, need, ties_before, kept_before = counting_plan(hist, want, lo)

@@ -132,3 +132,50 @@ def test_top_of_residual_lists_what_top_lists(bins):
   np.testing.assert_array_equal(np.where(want_valid, got_pos, 0),
                                 np.where(want_valid, want_pos, 0))
   assert 0 < np.asarray(want_valid).sum() < want_valid.size  # full rows and capped ones
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_scoring_kernels_count_what_score_histogram_counts(per_query):
+  """The fused variants of the Hamming kernels: the same scores, and block histograms equal
+  to numpy's of those scores, eligible by the cache's length, which runs past the hashed
+  length (those tokens score -1 and count); 2,500 tokens: a ragged last block of 1024."""
+  from pallas_kernels import hamming_scores as hs
+  from pallas_kernels import pack_signs as ps
+  group, dim, capacity = 4, 64, 2500
+  kq, kk = np.random.default_rng(9).normal(size=(2, 2 * group, dim)), np.random.default_rng(
+      10).normal(size=(2, 2, capacity, dim))
+  q, k = ps.pack_signs_reference(jnp.asarray(kq)), ps.pack_signs_reference(jnp.asarray(kk))
+  hashed = jnp.array([2400, 1000], jnp.int32)
+  cache_length = jnp.array([2500, 1300], jnp.int32)
+  lo, top = -1, (dim if per_query else group * dim)
+  spec = sh.Histogram(lo, SINKS, LOCAL, sh.bins_for(top - lo + 1))
+  kernel, reference = ((hs.hamming_similarity_kernel, hs.hamming_similarity_reference)
+                       if per_query else (hs.hamming_scores_kernel, hs.hamming_scores_reference))
+  scores, hist = kernel(q, k, hashed, dim, interpret=True, histogram=spec,
+                        cache_length=cache_length)
+  want_scores = reference(q, k, hashed, dim)
+  np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_scores))
+  rows = want_scores.reshape(2, -1, capacity)
+  want = numpy_histogram(rows, cache_length, lo, 1024, spec.bins)
+  assert want[..., 0].sum() > 0  # unhashed eligible tokens, counted at -1
+  np.testing.assert_array_equal(np.asarray(hist).reshape(want.shape), want)
+  assert hist.shape == (2, 2, group if per_query else 1, 3, spec.bins)
+
+
+def test_counted_scores_fused_or_not_agree(monkeypatch):
+  """``hamming_*_counted``: the fused kernel (every kernel on) and the scores followed by
+  ``score_histogram_kernel`` (the fused variant not enabled) give the same pair."""
+  from pallas_kernels import hamming_scores as hs
+  rng = np.random.default_rng(11)
+  q = jnp.asarray(rng.integers(0, 2**32, size=(2, 8, 2), dtype=np.uint32))
+  k = jnp.asarray(rng.integers(0, 2**32, size=(2, 2, 1500, 2), dtype=np.uint32))
+  hashed, cache_length = jnp.array([1500, 600], jnp.int32), jnp.array([1500, 900], jnp.int32)
+  for counted, top in ((hs.hamming_scores_counted, 4 * 64), (hs.hamming_similarity_counted, 64)):
+    spec = sh.Histogram(-1, SINKS, LOCAL, sh.bins_for(top + 2))
+    monkeypatch.setenv("SPARSE_ATTN_PALLAS", "0")
+    want = counted(q, k, hashed, 64, cache_length, spec)
+    monkeypatch.setenv("SPARSE_ATTN_PALLAS", "1")
+    got = counted(q, k, hashed, 64, cache_length, spec)
+    for a, b in zip(got, want):
+      assert a.shape == b.shape
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

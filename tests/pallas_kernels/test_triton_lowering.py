@@ -170,3 +170,18 @@ def test_hamming_similarity_lowers_without_ctpop_and_masks_the_edge(as_gpu, caps
       q, k, n, 128, hs.BlockSizes(tokens=256)), q, k, jnp.array([1000], jnp.int32))
   assert "ctpop" not in text
   assert masked(text, "tt.load") >= 4 and masked(text, "tt.store") == 4  # one per query
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_hamming_kernels_lower_with_their_histograms_fused(as_gpu, capsys, per_query):
+  """The counted variants: scores and one-hot histogram products in one kernel (SimHash's
+  256 bins per query, Spotlight's 1024 summed)."""
+  q = jnp.zeros((1, 8, 4), jnp.uint32)
+  k = jnp.zeros((1, 2, 3000, 4), jnp.uint32)  # 3000: a ragged last block of 1024
+  kernel = hs.hamming_similarity_kernel if per_query else hs.hamming_scores_kernel
+  spec = sh.Histogram(-1, 4, 16, 256 if per_query else 1024)
+  text = triton_module(capsys, lambda q, k, n: kernel(q, k, n, 128, histogram=spec,
+                                                      cache_length=n),
+                       q, k, jnp.array([3000], jnp.int32))
+  assert "ctpop" not in text
+  assert text.count("tt.dot") == (4 if per_query else 1)  # one product per histogram
