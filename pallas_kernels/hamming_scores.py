@@ -95,11 +95,22 @@ def _histogram_call(kernel, rows, grid, in_specs, out_shape, out_spec, histogram
   return scores, hist.reshape(batch, num_kv, rows, blocks, histogram.bins)
 
 
-def _fused_block(histogram, block_sizes, capacity):
+def _token_block(histogram, block_sizes, capacity):
   """The token block: the histogram's where fused, else up to ``block_sizes.tokens``."""
   if histogram is not None:
     return score_histogram.BlockSizes().block
   return min(block_sizes.tokens, pl.next_power_of_2(capacity))
+
+
+def _inputs(length, q_codes, k_codes, histogram, cache_length):
+  """The kernels' inputs; the fused variant's fourth, the cache's length, checked."""
+  args = (length.astype(jnp.int32), q_codes, k_codes)
+  if histogram is None:
+    return args
+  if cache_length is None or jnp.shape(cache_length) != jnp.shape(length):
+    raise ValueError(f"cache_length must be an int array shaped like length {jnp.shape(length)}"
+                     f" with histogram, got {cache_length!r}")
+  return args + (jnp.asarray(cache_length).astype(jnp.int32),)
 
 
 @functools.partial(jax.jit, static_argnames=["head_dim", "block_sizes", "interpret",
@@ -124,10 +135,9 @@ def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Ar
     if histogram is not None:
       raise ValueError("histogram: no fused variant on a TPU (score_histogram_kernel there)")
     return _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret)
-  block = _fused_block(histogram, block_sizes, capacity)
+  block = _token_block(histogram, block_sizes, capacity)
   grid = (batch, num_kv, pl.cdiv(capacity, block))
-  args = (length, q_codes, k_codes) + (() if histogram is None else (
-      cache_length.astype(jnp.int32),))
+  args = _inputs(length, q_codes, k_codes, histogram, cache_length)
   return _histogram_call(
       functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
                         capacity=capacity, masked=backend.masks_edges(interpret),
@@ -218,10 +228,9 @@ def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: ja
   batch, num_q, words = q_codes.shape
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   group = num_q // num_kv
-  block = _fused_block(histogram, block_sizes, capacity)
+  block = _token_block(histogram, block_sizes, capacity)
   grid = (batch, num_kv, pl.cdiv(capacity, block))
-  args = (length.astype(jnp.int32), q_codes, k_codes) + (() if histogram is None else (
-      cache_length.astype(jnp.int32),))
+  args = _inputs(length, q_codes, k_codes, histogram, cache_length)
   return _histogram_call(
       functools.partial(_per_query_kernel, group=group, words=words, bits=bits, block=block,
                         capacity=capacity, masked=backend.masks_edges(interpret),

@@ -160,6 +160,8 @@ def test_scoring_kernels_count_what_score_histogram_counts(per_query):
   assert want[..., 0].sum() > 0  # unhashed eligible tokens, counted at -1
   np.testing.assert_array_equal(np.asarray(hist).reshape(want.shape), want)
   assert hist.shape == (2, 2, group if per_query else 1, 3, spec.bins)
+  with pytest.raises(ValueError, match="cache_length must be"):
+    kernel(q, k, hashed, dim, interpret=True, histogram=spec)
 
 
 def test_counted_scores_fused_or_not_agree(monkeypatch):
