@@ -236,13 +236,20 @@ def retrieval_rows(args, report, save):
         # the kept set, without a list of positions.
         "kept positions": scored(lambda s: selection.top_of_residual(
             s, length, 0, 0, keep, keep, score_range)[0]),
-        # The same with the histograms counted by the scoring kernel (the decode path).
-        "counted, kept positions": lambda qc: counted_top(*hs.hamming_scores_kernel(
-            qc, k_codes, length, HEAD_DIM, histogram=spec, cache_length=length)),
-        "histogram plan": scored(lambda s: jnp.concatenate([
-            x.reshape(1, KV_HEADS, -1) for x in selection.counting_plan(
-                score_histogram.score_histogram_kernel(s, length, -1),
-                jnp.full((1, KV_HEADS), keep, jnp.int32), -1)], axis=-1)),
+        # The histograms counted by the scoring kernel (the decode path), each block of 1024
+        # tokens in chunks of 512 (the default), 256 or 1024 (one-hot operands in shared
+        # memory: 32 KB, 16 KB or 64 KB each).
+        **{f"counted in chunks of {chunk}, kept positions": (
+            lambda qc, chunk=chunk: counted_top(*hs.hamming_scores_kernel(
+                qc, k_codes, length, HEAD_DIM, hs.BlockSizes(tokens=chunk), histogram=spec,
+                cache_length=length))) for chunk in (512, 256, 1024)},
+        **{f"histogram plan, chunks of {chunk}": scored(
+            lambda s, chunk=chunk: jnp.concatenate([
+                x.reshape(1, KV_HEADS, -1) for x in selection.counting_plan(
+                    score_histogram.score_histogram_kernel(
+                        s, length, -1, block_sizes=score_histogram.BlockSizes(chunk=chunk)),
+                    jnp.full((1, KV_HEADS), keep, jnp.int32), -1)], axis=-1))
+           for chunk in (1024, 256)},
     }
     row = {"tokens": tokens, "kv_heads": KV_HEADS, "bits": HEAD_DIM, "keep": keep, "us": {}}
     report["retrieval"].append(row)

@@ -49,22 +49,34 @@ def popcount32(x: jax.Array) -> jax.Array:
   return ((x * 0x01010101) >> 24).astype(jnp.int32)
 
 
-def _kernel(len_ref, q_ref, k_ref, *refs, group, words, head_dim, block, capacity, masked,
-            histogram):
+def _chunks(block, chunk, capacity):
+  """The static pieces of a grid step's ``block`` tokens: ``(rows, positions, inside)``
+  per ``chunk`` tokens (``rows`` indexes the block's refs)."""
+  for c in range(block // chunk):
+    positions = pl.program_id(2) * block + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    rows = slice(None) if chunk == block else pl.ds(c * chunk, chunk)
+    yield rows, positions, positions < capacity
+
+
+def _kernel(len_ref, q_ref, k_ref, *refs, group, words, head_dim, block, chunk, capacity,
+            masked, histogram):
   # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
   # refs: o_ref [1, 1, block] int32 (the last block may reach past ``capacity``), or with a
   # histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, 1, 1, high, low] int32)
-  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
-  inside = positions < capacity
-  mismatches = jnp.zeros((block,), jnp.int32)
-  for w in range(words):
-    column = backend.load(k_ref.at[0, 0, :, w], mask=inside, other=0, masked=masked)
-    for g in range(group):
-      mismatches += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
-  scores = jnp.where(positions < len_ref[0], group * head_dim - mismatches, -1)
-  backend.store(refs[-2 if histogram else 0].at[0, 0, :], scores, mask=inside, masked=masked)
+  counts = 0
+  for rows, positions, inside in _chunks(block, chunk, capacity):
+    mismatches = jnp.zeros((chunk,), jnp.int32)
+    for w in range(words):
+      column = backend.load(k_ref.at[0, 0, rows, w], mask=inside, other=0, masked=masked)
+      for g in range(group):
+        mismatches += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
+    scores = jnp.where(positions < len_ref[0], group * head_dim - mismatches, -1)
+    backend.store(refs[-2 if histogram else 0].at[0, 0, rows], scores, mask=inside,
+                  masked=masked)
+    if histogram:
+      counts += _counts(scores, positions, inside, refs[0][0], histogram)
   if histogram:
-    refs[-1][0, 0, 0, 0] = _counts(scores, positions, inside, refs[0][0], histogram)
+    refs[-1][0, 0, 0, 0] = counts
 
 
 def _counts(scores, positions, inside, cache_length, histogram):
@@ -96,10 +108,17 @@ def _histogram_call(kernel, rows, grid, in_specs, out_shape, out_spec, histogram
 
 
 def _token_block(histogram, block_sizes, capacity):
-  """The token block: the histogram's where fused, else up to ``block_sizes.tokens``."""
+  """``(block, chunk)``: the tokens of a grid step, the histogram's block where fused (in
+  chunks of ``block_sizes.tokens``: each chunk's one-hot product is staged in shared
+  memory), else up to ``block_sizes.tokens`` (one chunk)."""
   if histogram is not None:
-    return score_histogram.BlockSizes().block
-  return min(block_sizes.tokens, pl.next_power_of_2(capacity))
+    block = score_histogram.BlockSizes().block
+    chunk = min(block_sizes.tokens, block)
+    if block % chunk:
+      raise ValueError(f"block_sizes.tokens must divide {block} with histogram, got {chunk}")
+    return block, chunk
+  block = min(block_sizes.tokens, pl.next_power_of_2(capacity))
+  return block, block
 
 
 def _inputs(length, q_codes, k_codes, histogram, cache_length):
@@ -135,12 +154,12 @@ def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Ar
     if histogram is not None:
       raise ValueError("histogram: no fused variant on a TPU (score_histogram_kernel there)")
     return _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret)
-  block = _token_block(histogram, block_sizes, capacity)
+  block, chunk = _token_block(histogram, block_sizes, capacity)
   grid = (batch, num_kv, pl.cdiv(capacity, block))
   args = _inputs(length, q_codes, k_codes, histogram, cache_length)
   return _histogram_call(
       functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
-                        capacity=capacity, masked=backend.masks_edges(interpret),
+                        chunk=chunk, capacity=capacity, masked=backend.masks_edges(interpret),
                         histogram=histogram), 1, grid,
       [pl.BlockSpec((1,), lambda b, h, s: (b,)),
        pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
@@ -161,7 +180,7 @@ def _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret):
   block = backend.tpu_tile(block_sizes.tokens, capacity, 128)
   out = backend.pallas_call(
       functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
-                        capacity=capacity, masked=False, histogram=None),
+                        chunk=block, capacity=capacity, masked=False, histogram=None),
       out_shape=jax.ShapeDtypeStruct((batch, num_kv, 1, capacity), jnp.int32),
       grid=(batch, num_kv, pl.cdiv(capacity, block)),
       in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, s: (b, 0, 0)),
@@ -193,25 +212,28 @@ def _check_bits(bits):
     raise ValueError(f"bits must be an int in [1, 2**15) (int16 similarities), got {bits!r}")
 
 
-def _per_query_kernel(len_ref, q_ref, k_ref, *refs, group, words, bits, block, capacity,
-                      masked, histogram):
+def _per_query_kernel(len_ref, q_ref, k_ref, *refs, group, words, bits, block, chunk,
+                      capacity, masked, histogram):
   # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
   # refs: o_ref [1, 1, group, block] int16 (each key block read once for the whole group), or
   # with a histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, group, 1, high, low] int32)
-  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
-  inside = positions < capacity
-  mismatches = [jnp.zeros((block,), jnp.int32) for _ in range(group)]
-  for w in range(words):
-    column = backend.load(k_ref.at[0, 0, :, w], mask=inside, other=0, masked=masked)
+  counts = [0] * group
+  for rows, positions, inside in _chunks(block, chunk, capacity):
+    mismatches = [jnp.zeros((chunk,), jnp.int32) for _ in range(group)]
+    for w in range(words):
+      column = backend.load(k_ref.at[0, 0, rows, w], mask=inside, other=0, masked=masked)
+      for g in range(group):
+        mismatches[g] += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
+    hashed = positions < len_ref[0]
     for g in range(group):
-      mismatches[g] += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
-  hashed = positions < len_ref[0]
-  for g in range(group):
-    scores = jnp.where(hashed, bits - mismatches[g], -1)
-    backend.store(refs[-2 if histogram else 0].at[0, 0, g, :], scores.astype(jnp.int16),
-                  mask=inside, masked=masked)
-    if histogram:
-      refs[-1][0, 0, g, 0] = _counts(scores, positions, inside, refs[0][0], histogram)
+      scores = jnp.where(hashed, bits - mismatches[g], -1)
+      backend.store(refs[-2 if histogram else 0].at[0, 0, g, rows], scores.astype(jnp.int16),
+                    mask=inside, masked=masked)
+      if histogram:
+        counts[g] += _counts(scores, positions, inside, refs[0][0], histogram)
+  if histogram:
+    for g in range(group):
+      refs[-1][0, 0, g, 0] = counts[g]
 
 
 @functools.partial(jax.jit, static_argnames=["bits", "block_sizes", "interpret", "histogram"])
@@ -228,12 +250,12 @@ def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: ja
   batch, num_q, words = q_codes.shape
   num_kv, capacity = k_codes.shape[1], k_codes.shape[2]
   group = num_q // num_kv
-  block = _token_block(histogram, block_sizes, capacity)
+  block, chunk = _token_block(histogram, block_sizes, capacity)
   grid = (batch, num_kv, pl.cdiv(capacity, block))
   args = _inputs(length, q_codes, k_codes, histogram, cache_length)
   return _histogram_call(
       functools.partial(_per_query_kernel, group=group, words=words, bits=bits, block=block,
-                        capacity=capacity, masked=backend.masks_edges(interpret),
+                        chunk=chunk, capacity=capacity, masked=backend.masks_edges(interpret),
                         histogram=histogram), group, grid,
       [pl.BlockSpec((1,), lambda b, h, s: (b,)),
        pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),

@@ -45,6 +45,9 @@ def _check_bins(bins):
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   block: int = 1024  # tokens per histogram (and per grid step)
+  # tokens per one-hot product (GPU: its operands are staged in shared memory; a TPU
+  # counts the whole block at once)
+  chunk: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +106,17 @@ def block_counts(scores: jax.Array, eligible: jax.Array, lo: int, bins: int) -> 
   return counts.astype(jnp.int32)
 
 
-def _kernel(len_ref, s_ref, o_ref, *, block, lo, sinks, local, capacity, masked, bins):
+def _kernel(len_ref, s_ref, o_ref, *, block, chunk, lo, sinks, local, capacity, masked, bins):
   # len_ref: [1] int32; s_ref: [1, 1, block] int16 or int32; o_ref: [1, 1, 1, high, low] int32
-  positions = pl.program_id(2) * block + jnp.arange(block, dtype=jnp.int32)
-  inside = positions < capacity
-  s = backend.load(s_ref.at[0, 0, :], mask=inside, other=0, masked=masked)
-  o_ref[0, 0, 0] = block_counts(s, inside & eligible_mask(positions, len_ref[0], sinks, local),
-                                lo, bins)
+  counts = 0
+  for c in range(block // chunk):
+    positions = pl.program_id(2) * block + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    inside = positions < capacity
+    rows = slice(None) if chunk == block else pl.ds(c * chunk, chunk)
+    s = backend.load(s_ref.at[0, 0, rows], mask=inside, other=0, masked=masked)
+    counts += block_counts(s, inside & eligible_mask(positions, len_ref[0], sinks, local), lo,
+                           bins)
+  o_ref[0, 0, 0] = counts
 
 
 @functools.partial(jax.jit, static_argnames=["lo", "sinks", "local", "block_sizes", "interpret",
@@ -124,10 +131,14 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
     raise ValueError(f"scores must be int16 or int32, got {scores.dtype}")
   batch, heads, capacity = scores.shape
   block = block_sizes.block
+  chunk = block if backend.mosaic_layout(interpret) else min(block_sizes.chunk, block)
+  if block % chunk:
+    raise ValueError(f"block_sizes.chunk must divide block_sizes.block, got {block_sizes}")
   blocks = -(-capacity // block)
   high, low = _SPLITS[bins]
-  kernel = functools.partial(_kernel, block=block, lo=lo, sinks=sinks, local=local,
-                             capacity=capacity, masked=backend.masks_edges(interpret), bins=bins)
+  kernel = functools.partial(_kernel, block=block, chunk=chunk, lo=lo, sinks=sinks,
+                             local=local, capacity=capacity,
+                             masked=backend.masks_edges(interpret), bins=bins)
   out_shape = jax.ShapeDtypeStruct((batch, heads, blocks, high, low), jnp.int32)
   out_spec = pl.BlockSpec((1, 1, 1, high, low), lambda b, h, j: (b, h, j, 0, 0))
   if backend.mosaic_layout(interpret):

@@ -33,15 +33,18 @@ def numpy_histogram(scores, length, lo, block, bins=sh.BINS):
   return hist
 
 
-@pytest.mark.parametrize("seed, bins", [(0, 1024), (1, 1024), (2, 512), (3, 256)])
-def test_histogram_kernel_counts_eligible_scores(seed, bins):
-  """Every bin size, with scores up to its top bin (``lo + bins - 1``)."""
+@pytest.mark.parametrize("seed, bins, chunk", [(0, 1024, 128), (1, 1024, 32), (2, 512, 64),
+                                               (3, 256, 128)])
+def test_histogram_kernel_counts_eligible_scores(seed, bins, chunk):
+  """Every bin size, with scores up to its top bin (``lo + bins - 1``); blocks of 128
+  tokens counted whole or in chunks."""
   length, scores, _ = problem(seed, score_max=bins - 1)
   want = numpy_histogram(scores, length, -1, 128, bins)
   assert want[..., -1].sum() > 0  # the top bin is reached
   ref = sh.score_histogram_reference(scores, length, -1, SINKS, LOCAL, 128, bins)
-  got = sh.score_histogram_kernel(scores, length, -1, SINKS, LOCAL, sh.BlockSizes(block=128),
-                                  interpret=True, bins=bins)
+  got = sh.score_histogram_kernel(scores, length, -1, SINKS, LOCAL,
+                                  sh.BlockSizes(block=128, chunk=chunk), interpret=True,
+                                  bins=bins)
   np.testing.assert_array_equal(np.asarray(ref), want)
   np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -56,6 +59,9 @@ def test_bins_hold_the_score_range():
     sh.score_histogram_kernel(scores, length, -1, bins=128, interpret=True)
   with pytest.raises(ValueError, match="bins must be one of"):
     sh.score_histogram_reference(scores, length, -1, 0, 0, 128, bins=300)
+  with pytest.raises(ValueError, match="block_sizes.chunk must divide"):
+    sh.score_histogram_kernel(scores, length, -1, block_sizes=sh.BlockSizes(128, 96),
+                              interpret=True)
   with pytest.raises(ValueError, match="scores must be int16 or int32"):
     sh.score_histogram_kernel(scores.astype(jnp.uint8), length, -1, interpret=True)
 
@@ -134,11 +140,12 @@ def test_top_of_residual_lists_what_top_lists(bins):
   assert 0 < np.asarray(want_valid).sum() < want_valid.size  # full rows and capped ones
 
 
-@pytest.mark.parametrize("per_query", [False, True])
-def test_scoring_kernels_count_what_score_histogram_counts(per_query):
+@pytest.mark.parametrize("per_query, chunk", [(False, 512), (True, 256), (False, 1024)])
+def test_scoring_kernels_count_what_score_histogram_counts(per_query, chunk):
   """The fused variants of the Hamming kernels: the same scores, and block histograms equal
   to numpy's of those scores, eligible by the cache's length, which runs past the hashed
-  length (those tokens score -1 and count); 2,500 tokens: a ragged last block of 1024."""
+  length (those tokens score -1 and count); 2,500 tokens: a ragged last block of 1024,
+  counted in chunks of ``chunk`` tokens."""
   from pallas_kernels import hamming_scores as hs
   from pallas_kernels import pack_signs as ps
   group, dim, capacity = 4, 64, 2500
@@ -151,8 +158,8 @@ def test_scoring_kernels_count_what_score_histogram_counts(per_query):
   spec = sh.Histogram(lo, SINKS, LOCAL, sh.bins_for(top - lo + 1))
   kernel, reference = ((hs.hamming_similarity_kernel, hs.hamming_similarity_reference)
                        if per_query else (hs.hamming_scores_kernel, hs.hamming_scores_reference))
-  scores, hist = kernel(q, k, hashed, dim, interpret=True, histogram=spec,
-                        cache_length=cache_length)
+  scores, hist = kernel(q, k, hashed, dim, hs.BlockSizes(tokens=chunk), interpret=True,
+                        histogram=spec, cache_length=cache_length)
   want_scores = reference(q, k, hashed, dim)
   np.testing.assert_array_equal(np.asarray(scores), np.asarray(want_scores))
   rows = want_scores.reshape(2, -1, capacity)
@@ -162,6 +169,9 @@ def test_scoring_kernels_count_what_score_histogram_counts(per_query):
   assert hist.shape == (2, 2, group if per_query else 1, 3, spec.bins)
   with pytest.raises(ValueError, match="cache_length must be"):
     kernel(q, k, hashed, dim, interpret=True, histogram=spec)
+  with pytest.raises(ValueError, match="block_sizes.tokens must divide"):
+    kernel(q, k, hashed, dim, hs.BlockSizes(tokens=384), interpret=True, histogram=spec,
+           cache_length=cache_length)
 
 
 def test_counted_scores_fused_or_not_agree(monkeypatch):

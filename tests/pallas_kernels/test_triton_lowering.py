@@ -96,13 +96,14 @@ def test_dense_decode_lowers_with_matrix_products(as_gpu, capsys, dtype):
   assert "inputPrecision = tf32" not in text
 
 
-@pytest.mark.parametrize("bins, dtype", [(256, jnp.int16), (512, jnp.int32), (1024, jnp.int32)])
-def test_score_histogram_lowers_to_a_matrix_product(as_gpu, capsys, bins, dtype):
+@pytest.mark.parametrize("bins, dtype, chunk", [(256, jnp.int16, 64), (512, jnp.int32, 256),
+                                               (1024, jnp.int32, 256)])
+def test_score_histogram_lowers_to_a_matrix_product(as_gpu, capsys, bins, dtype, chunk):
   # tl.dot takes 16 x 16 products and up; int16 scores: hamming_similarity's
   text = triton_module(capsys, lambda s, n: sh.score_histogram_kernel(
-      s, n, -1, 4, 16, sh.BlockSizes(block=256), bins=bins), jnp.zeros((1, 2, 1000), dtype),
-      jnp.array([1000], jnp.int32))
-  assert "tt.dot" in text and masked(text, "tt.load") >= 1
+      s, n, -1, 4, 16, sh.BlockSizes(block=256, chunk=chunk), bins=bins),
+      jnp.zeros((1, 2, 1000), dtype), jnp.array([1000], jnp.int32))
+  assert text.count("tt.dot") == 256 // chunk and masked(text, "tt.load") >= 1
 
 
 @pytest.mark.parametrize("dtype", [jnp.int16, jnp.int32])  # SimHash's and Spotlight's scores
@@ -175,7 +176,7 @@ def test_hamming_similarity_lowers_without_ctpop_and_masks_the_edge(as_gpu, caps
 @pytest.mark.parametrize("per_query", [False, True])
 def test_hamming_kernels_lower_with_their_histograms_fused(as_gpu, capsys, per_query):
   """The counted variants: scores and one-hot histogram products in one kernel (SimHash's
-  256 bins per query, Spotlight's 1024 summed)."""
+  256 bins per query, Spotlight's 1024 summed), the block in chunks of 512 tokens."""
   q = jnp.zeros((1, 8, 4), jnp.uint32)
   k = jnp.zeros((1, 2, 3000, 4), jnp.uint32)  # 3000: a ragged last block of 1024
   kernel = hs.hamming_similarity_kernel if per_query else hs.hamming_scores_kernel
@@ -184,4 +185,6 @@ def test_hamming_kernels_lower_with_their_histograms_fused(as_gpu, capsys, per_q
                                                       cache_length=n),
                        q, k, jnp.array([3000], jnp.int32))
   assert "ctpop" not in text
-  assert text.count("tt.dot") == (4 if per_query else 1)  # one product per histogram
+  # one product per histogram and chunk of the 1024-token block
+  chunks = sh.BlockSizes().block // hs.BlockSizes().tokens
+  assert text.count("tt.dot") == chunks * (4 if per_query else 1)
