@@ -49,22 +49,13 @@ def popcount32(x: jax.Array) -> jax.Array:
   return ((x * 0x01010101) >> 24).astype(jnp.int32)
 
 
-def _chunks(block, chunk, capacity):
-  """The static pieces of a grid step's ``block`` tokens: ``(rows, positions, inside)``
-  per ``chunk`` tokens (``rows`` indexes the block's refs)."""
-  for c in range(block // chunk):
-    positions = pl.program_id(2) * block + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    rows = slice(None) if chunk == block else pl.ds(c * chunk, chunk)
-    yield rows, positions, positions < capacity
-
-
 def _kernel(len_ref, q_ref, k_ref, *refs, group, words, head_dim, block, chunk, capacity,
             masked, histogram):
   # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
   # refs: o_ref [1, 1, block] int32 (the last block may reach past ``capacity``), or with a
   # histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, 1, 1, high, low] int32)
   counts = 0
-  for rows, positions, inside in _chunks(block, chunk, capacity):
+  for rows, positions, inside in score_histogram.chunks(block, chunk, capacity):
     mismatches = jnp.zeros((chunk,), jnp.int32)
     for w in range(words):
       column = backend.load(k_ref.at[0, 0, rows, w], mask=inside, other=0, masked=masked)
@@ -218,7 +209,7 @@ def _per_query_kernel(len_ref, q_ref, k_ref, *refs, group, words, bits, block, c
   # refs: o_ref [1, 1, group, block] int16 (each key block read once for the whole group), or
   # with a histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, group, 1, high, low] int32)
   counts = [0] * group
-  for rows, positions, inside in _chunks(block, chunk, capacity):
+  for rows, positions, inside in score_histogram.chunks(block, chunk, capacity):
     mismatches = [jnp.zeros((chunk,), jnp.int32) for _ in range(group)]
     for w in range(words):
       column = backend.load(k_ref.at[0, 0, rows, w], mask=inside, other=0, masked=masked)

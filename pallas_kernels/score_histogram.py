@@ -106,13 +106,20 @@ def block_counts(scores: jax.Array, eligible: jax.Array, lo: int, bins: int) -> 
   return counts.astype(jnp.int32)
 
 
+def chunks(block: int, chunk: int, capacity: int):
+  """Inside a kernel whose grid's third axis steps over ``block`` tokens: the static pieces
+  of ``chunk`` tokens, ``(rows, positions, inside)`` each (``rows`` indexes the block's
+  refs; ``inside``: ``positions < capacity``)."""
+  for c in range(block // chunk):
+    positions = pl.program_id(2) * block + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    rows = slice(None) if chunk == block else pl.ds(c * chunk, chunk)
+    yield rows, positions, positions < capacity
+
+
 def _kernel(len_ref, s_ref, o_ref, *, block, chunk, lo, sinks, local, capacity, masked, bins):
   # len_ref: [1] int32; s_ref: [1, 1, block] int16 or int32; o_ref: [1, 1, 1, high, low] int32
   counts = 0
-  for c in range(block // chunk):
-    positions = pl.program_id(2) * block + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    inside = positions < capacity
-    rows = slice(None) if chunk == block else pl.ds(c * chunk, chunk)
+  for rows, positions, inside in chunks(block, chunk, capacity):
     s = backend.load(s_ref.at[0, 0, rows], mask=inside, other=0, masked=masked)
     counts += block_counts(s, inside & eligible_mask(positions, len_ref[0], sinks, local), lo,
                            bins)
