@@ -131,13 +131,23 @@ def verify_main(argv: list[str]) -> int:
   parser.add_argument("--proposal", default=defaults.proposal, choices=["uniform", "simhash",
                       "spotlight"], help="residual sampler; not uniform: importance sampling "
                       "from its own codes, with the uniform residual's densities alongside")
+  parser.add_argument("--magicpig-tables", default=",".join(map(str, defaults.magicpig_tables)),
+                      help="MagicPIG's grid of L (K=10), comma-separated; each head's "
+                      "comparison takes the L whose density is nearest vAttention's")
   parser.add_argument("--seed", type=int, default=defaults.seed)
   parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   args = parser.parse_args(argv)
   _positive(parser, args, ("length", "head_dim", "trials"))
+  try:
+    tables = tuple(int(x) for x in args.magicpig_tables.split(","))
+  except ValueError:
+    tables = ()
+  if not tables or min(tables) < 1:
+    parser.error(f"--magicpig-tables must be positive ints, comma-separated, got "
+                 f"{args.magicpig_tables!r}")
   cfg = dataclasses.replace(defaults, length=args.length, head_dim=args.head_dim,
                             trials=args.trials, delta=args.delta, predictor=args.predictor,
-                            proposal=args.proposal, seed=args.seed)
+                            proposal=args.proposal, magicpig_tables=tables, seed=args.seed)
   report = verify.run(cfg, log=print)
   print(verify.format_report(report))
   if args.json:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import __main__ as cli
 
 
@@ -27,7 +29,8 @@ def test_main_job_prints_the_table_and_writes_json(tmp_path, capsys):
 
 def test_verify_subcommand_prints_per_head_tables_and_json(tmp_path, capsys):
   path = tmp_path / "verify.json"
-  code = cli.main(["verify", "--length", "1024", "--trials", "30", "--json", str(path)])
+  code = cli.main(["verify", "--length", "1024", "--trials", "30", "--magicpig-tables",
+                   "75,150", "--json", str(path)])  # a short grid of L: compiles in CI time
   out = capsys.readouterr().out
   assert code in (0, 1) and "verified:" in out
   assert out.count("guarantee=") == 5 and "fail rate" in out
@@ -35,6 +38,10 @@ def test_verify_subcommand_prints_per_head_tables_and_json(tmp_path, capsys):
   assert [r["guarantee"] for r in report["results"]] == [
       "denominator", "numerator", "numerator", "output", "output"]
   assert len(report["results"][0]["failure_rate"]) == 8
+  assert {row["magicpig_L"] for row in report["comparison"]} <= {75, 150}
+  with pytest.raises(SystemExit):
+    cli.main(["verify", "--magicpig-tables", "75,x"])
+  assert "--magicpig-tables must be positive ints" in capsys.readouterr().err
 
 
 def test_bench_subcommand_times_every_method_against_dense(tmp_path, capsys):
