@@ -9,10 +9,10 @@ whose score is ``lo + v``, for ``v`` in ``[0, bins)``; a token is eligible when
 the selection's largest arrays after the scores (``bins`` int32 per 1024 tokens and row),
 so SimHash's 130 scores take 256 bins, a quarter of Spotlight's 1024.
 
-The kernel counts with one small matrix product per block: ``v = W h + l`` and
-``hist[h, l] = sum_t [h_t = h] [l_t = l]``, the product of two one-hot matrices
-``[block, bins / W]`` and ``[block, W]`` (exact in float32), so no scatter and no atomics.
-Both sides are at least 16 wide, the smallest product Triton's ``tl.dot`` takes.
+The kernel counts with one small matrix product per block (or per chunk of it, summed):
+``v = W h + l`` and ``hist[h, l] = sum_t [h_t = h] [l_t = l]``, the product of two one-hot
+matrices ``[chunk, bins / W]`` and ``[chunk, W]`` (exact in float32), so no scatter and no
+atomics. Both sides are at least 16 wide, the smallest product Triton's ``tl.dot`` takes.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def score_histogram_reference(scores: jax.Array, length: jax.Array, lo: int, sin
 
 
 def block_counts(scores: jax.Array, eligible: jax.Array, lo: int, bins: int) -> jax.Array:
-  """Inside a kernel: ``int32 [high, low]``, the histogram of one block's eligible ``scores
-  [block]`` (``lo + v`` counted at ``[v // low, v % low]``), by one one-hot product."""
+  """Inside a kernel: ``int32 [high, low]``, the histogram of the eligible ``scores [n]`` of
+  a block or chunk (``lo + v`` counted at ``[v // low, v % low]``), by one one-hot product."""
   n_high, n_low = _SPLITS[bins]
   v = scores.astype(jnp.int32) - lo
   shift = n_low.bit_length() - 1
