@@ -182,7 +182,7 @@ def counted_rows(q, k, lengths, interpret: bool) -> list[dict]:
       ("hamming_scores", hs.hamming_scores_kernel, hs.hamming_scores_reference, group * 128),
       ("hamming_similarity", hs.hamming_similarity_kernel, hs.hamming_similarity_reference,
        128)):
-    spec = sh.Histogram(-1, 4, 16, sh.bins_for(top + 2))  # scores -1 .. top
+    spec = selection.histogram_for((-1, top), 4, 16)
 
     def diff(kernel=kernel, reference=reference, spec=spec):
       scores, hist = kernel(q, k, lengths, 128, histogram=spec, cache_length=cache_lengths,

@@ -49,33 +49,31 @@ def popcount32(x: jax.Array) -> jax.Array:
   return ((x * 0x01010101) >> 24).astype(jnp.int32)
 
 
-def _kernel(len_ref, q_ref, k_ref, *refs, group, words, head_dim, block, chunk, capacity,
+def _kernel(len_ref, q_ref, k_ref, *refs, group, words, top, summed, block, chunk, capacity,
             masked, histogram):
   # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
-  # refs: o_ref [1, 1, block] int32 (the last block may reach past ``capacity``), or with a
-  # histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, 1, 1, high, low] int32)
-  counts = 0
+  # refs: o_ref (summed: [1, 1, block] int32, else [1, 1, group, block] int16; the last block
+  # may reach past ``capacity``), or with a histogram (cache_len_ref [1] int32, o_ref, h_ref
+  # [1, 1, rows, 1, high, low] int32). Each key block is read once for the whole group.
+  o_ref = refs[-2 if histogram else 0]
+  rows_out = 1 if summed else group
+  counts = [0] * rows_out
   for rows, positions, inside in score_histogram.chunks(block, chunk, capacity):
-    mismatches = jnp.zeros((chunk,), jnp.int32)
+    mismatches = [jnp.zeros((chunk,), jnp.int32) for _ in range(rows_out)]
     for w in range(words):
       column = backend.load(k_ref.at[0, 0, rows, w], mask=inside, other=0, masked=masked)
       for g in range(group):
-        mismatches += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
-    scores = jnp.where(positions < len_ref[0], group * head_dim - mismatches, -1)
-    backend.store(refs[-2 if histogram else 0].at[0, 0, rows], scores, mask=inside,
-                  masked=masked)
-    if histogram:
-      counts += _counts(scores, positions, inside, refs[0][0], histogram)
+        mismatches[0 if summed else g] += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
+    for r in range(rows_out):
+      scores = jnp.where(positions < len_ref[0], top - mismatches[r], -1)
+      backend.store(o_ref.at[0, 0, rows] if summed else o_ref.at[0, 0, r, rows],
+                    scores.astype(o_ref.dtype), mask=inside, masked=masked)
+      if histogram:
+        counts[r] += score_histogram.block_counts(scores, positions, inside, refs[0][0],
+                                                  histogram)
   if histogram:
-    refs[-1][0, 0, 0, 0] = counts
-
-
-def _counts(scores, positions, inside, cache_length, histogram):
-  """The fused variants' block histogram: eligible by the cache's length (tokens not
-  hashed yet score -1 and count)."""
-  eligible = inside & score_histogram.eligible_mask(positions, cache_length, histogram.sinks,
-                                                    histogram.local)
-  return score_histogram.block_counts(scores, eligible, histogram.lo, histogram.bins)
+    for r in range(rows_out):
+      refs[-1][0, 0, r, 0] = counts[r]
 
 
 def _histogram_call(kernel, rows, grid, in_specs, out_shape, out_spec, histogram, name,
@@ -149,9 +147,9 @@ def hamming_scores_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Ar
   grid = (batch, num_kv, pl.cdiv(capacity, block))
   args = _inputs(length, q_codes, k_codes, histogram, cache_length)
   return _histogram_call(
-      functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
-                        chunk=chunk, capacity=capacity, masked=backend.masks_edges(interpret),
-                        histogram=histogram), 1, grid,
+      functools.partial(_kernel, group=group, words=words, top=group * head_dim, summed=True,
+                        block=block, chunk=chunk, capacity=capacity,
+                        masked=backend.masks_edges(interpret), histogram=histogram), 1, grid,
       [pl.BlockSpec((1,), lambda b, h, s: (b,)),
        pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
        pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
@@ -170,8 +168,9 @@ def _tpu_call(q_codes, k_codes, length, head_dim, block_sizes, interpret):
   group = num_q // num_kv
   block = backend.tpu_tile(block_sizes.tokens, capacity, 128)
   out = backend.pallas_call(
-      functools.partial(_kernel, group=group, words=words, head_dim=head_dim, block=block,
-                        chunk=block, capacity=capacity, masked=False, histogram=None),
+      functools.partial(_kernel, group=group, words=words, top=group * head_dim, summed=True,
+                        block=block, chunk=block, capacity=capacity, masked=False,
+                        histogram=None),
       out_shape=jax.ShapeDtypeStruct((batch, num_kv, 1, capacity), jnp.int32),
       grid=(batch, num_kv, pl.cdiv(capacity, block)),
       in_specs=[backend.tpu_scalars((None, None, 1), lambda b, h, s: (b, 0, 0)),
@@ -203,30 +202,6 @@ def _check_bits(bits):
     raise ValueError(f"bits must be an int in [1, 2**15) (int16 similarities), got {bits!r}")
 
 
-def _per_query_kernel(len_ref, q_ref, k_ref, *refs, group, words, bits, block, chunk,
-                      capacity, masked, histogram):
-  # len_ref: [1] int32; q_ref: [1, group, words] uint32; k_ref: [1, 1, block, words] uint32
-  # refs: o_ref [1, 1, group, block] int16 (each key block read once for the whole group), or
-  # with a histogram (cache_len_ref [1] int32, o_ref, h_ref [1, 1, group, 1, high, low] int32)
-  counts = [0] * group
-  for rows, positions, inside in score_histogram.chunks(block, chunk, capacity):
-    mismatches = [jnp.zeros((chunk,), jnp.int32) for _ in range(group)]
-    for w in range(words):
-      column = backend.load(k_ref.at[0, 0, rows, w], mask=inside, other=0, masked=masked)
-      for g in range(group):
-        mismatches[g] += popcount32(jnp.bitwise_xor(column, q_ref[0, g, w]))
-    hashed = positions < len_ref[0]
-    for g in range(group):
-      scores = jnp.where(hashed, bits - mismatches[g], -1)
-      backend.store(refs[-2 if histogram else 0].at[0, 0, g, rows], scores.astype(jnp.int16),
-                    mask=inside, masked=masked)
-      if histogram:
-        counts[g] += _counts(scores, positions, inside, refs[0][0], histogram)
-  if histogram:
-    for g in range(group):
-      refs[-1][0, 0, g, 0] = counts[g]
-
-
 @functools.partial(jax.jit, static_argnames=["bits", "block_sizes", "interpret", "histogram"])
 def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: jax.Array,
                               bits: int, block_sizes: BlockSizes = BlockSizes(),
@@ -245,9 +220,9 @@ def hamming_similarity_kernel(q_codes: jax.Array, k_codes: jax.Array, length: ja
   grid = (batch, num_kv, pl.cdiv(capacity, block))
   args = _inputs(length, q_codes, k_codes, histogram, cache_length)
   return _histogram_call(
-      functools.partial(_per_query_kernel, group=group, words=words, bits=bits, block=block,
-                        chunk=chunk, capacity=capacity, masked=backend.masks_edges(interpret),
-                        histogram=histogram), group, grid,
+      functools.partial(_kernel, group=group, words=words, top=bits, summed=False,
+                        block=block, chunk=chunk, capacity=capacity,
+                        masked=backend.masks_edges(interpret), histogram=histogram), group, grid,
       [pl.BlockSpec((1,), lambda b, h, s: (b,)),
        pl.BlockSpec((1, group, words), lambda b, h, s: (b, h, 0)),
        pl.BlockSpec((1, 1, block, words), lambda b, h, s: (b, h, s, 0))],
@@ -269,7 +244,6 @@ def hamming_scores(q_codes, k_codes, length, head_dim: int) -> jax.Array:
   if backend.use_kernels():
     return hamming_scores_kernel(q_codes, k_codes, length, head_dim)
   return hamming_scores_reference(q_codes, k_codes, length, head_dim)
-
 
 
 def hamming_scores_counted(q_codes, k_codes, length, head_dim: int, cache_length,

@@ -90,11 +90,14 @@ def score_histogram_reference(scores: jax.Array, length: jax.Array, lo: int, sin
   return jnp.sum(onehot, axis=3, dtype=jnp.int32)
 
 
-def block_counts(scores: jax.Array, eligible: jax.Array, lo: int, bins: int) -> jax.Array:
-  """Inside a kernel: ``int32 [high, low]``, the histogram of the eligible ``scores [n]`` of
-  a block or chunk (``lo + v`` counted at ``[v // low, v % low]``), by one one-hot product."""
-  n_high, n_low = _SPLITS[bins]
-  v = scores.astype(jnp.int32) - lo
+def block_counts(scores: jax.Array, positions: jax.Array, inside: jax.Array,
+                 length: jax.Array, histogram: Histogram) -> jax.Array:
+  """Inside a kernel: ``int32 [high, low]``, the histogram of the ``scores [n]`` of a block
+  or chunk at ``positions`` (``inside`` the array) that are eligible by ``length`` (``lo + v``
+  counted at ``[v // low, v % low]``), by one one-hot product."""
+  n_high, n_low = histogram.widths
+  eligible = inside & eligible_mask(positions, length, histogram.sinks, histogram.local)
+  v = scores.astype(jnp.int32) - histogram.lo
   shift = n_low.bit_length() - 1
   high_lanes = jnp.arange(n_high, dtype=jnp.int32)[None, :]
   low_lanes = jnp.arange(n_low, dtype=jnp.int32)[None, :]
@@ -116,13 +119,12 @@ def chunks(block: int, chunk: int, capacity: int):
     yield rows, positions, positions < capacity
 
 
-def _kernel(len_ref, s_ref, o_ref, *, block, chunk, lo, sinks, local, capacity, masked, bins):
+def _kernel(len_ref, s_ref, o_ref, *, block, chunk, capacity, masked, histogram):
   # len_ref: [1] int32; s_ref: [1, 1, block] int16 or int32; o_ref: [1, 1, 1, high, low] int32
   counts = 0
   for rows, positions, inside in chunks(block, chunk, capacity):
     s = backend.load(s_ref.at[0, 0, rows], mask=inside, other=0, masked=masked)
-    counts += block_counts(s, inside & eligible_mask(positions, len_ref[0], sinks, local), lo,
-                           bins)
+    counts += block_counts(s, positions, inside, len_ref[0], histogram)
   o_ref[0, 0, 0] = counts
 
 
@@ -133,7 +135,7 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
                            interpret: bool | None = None, bins: int = BINS) -> jax.Array:
   """The Pallas kernel: grid over (batch, head, token block); same contract as the
   reference with ``block = block_sizes.block``."""
-  _check_bins(bins)
+  histogram = Histogram(lo, sinks, local, bins)
   if scores.dtype not in (jnp.int16, jnp.int32):
     raise ValueError(f"scores must be int16 or int32, got {scores.dtype}")
   batch, heads, capacity = scores.shape
@@ -142,10 +144,9 @@ def score_histogram_kernel(scores: jax.Array, length: jax.Array, lo: int, sinks:
   if block % chunk:
     raise ValueError(f"block_sizes.chunk must divide block_sizes.block, got {block_sizes}")
   blocks = -(-capacity // block)
-  high, low = _SPLITS[bins]
-  kernel = functools.partial(_kernel, block=block, chunk=chunk, lo=lo, sinks=sinks,
-                             local=local, capacity=capacity,
-                             masked=backend.masks_edges(interpret), bins=bins)
+  high, low = histogram.widths
+  kernel = functools.partial(_kernel, block=block, chunk=chunk, capacity=capacity,
+                             masked=backend.masks_edges(interpret), histogram=histogram)
   out_shape = jax.ShapeDtypeStruct((batch, heads, blocks, high, low), jnp.int32)
   out_spec = pl.BlockSpec((1, 1, 1, high, low), lambda b, h, j: (b, h, j, 0, 0))
   if backend.mosaic_layout(interpret):
