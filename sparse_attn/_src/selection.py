@@ -195,9 +195,8 @@ def top_of_residual(scores: jax.Array, length: jax.Array, sinks: int, local: int
   lo = score_range[0]
   block = score_histogram.BlockSizes().block
   if hist is None:
-    spec = histogram_for(score_range, sinks, local)
-    hist = score_histogram.score_histogram_kernel(flat, length, lo, sinks, local,
-                                                  bins=spec.bins)
+    bins = histogram_for(score_range, sinks, local).bins
+    hist = score_histogram.score_histogram_kernel(flat, length, lo, sinks, local, bins=bins)
   hist = hist.reshape(flat.shape[:2] + hist.shape[-2:])
   keep = jnp.minimum(jnp.asarray(keep, jnp.int32), size)
   want = jnp.broadcast_to(keep, lead + (1,)).reshape(flat.shape[:2])

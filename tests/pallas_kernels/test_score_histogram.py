@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import hamming_scores as hs
 from pallas_kernels import kept_positions as kp
+from pallas_kernels import pack_signs as ps
 from pallas_kernels import score_histogram as sh
 from sparse_attn._src import selection
 from sparse_attn.streaming import residual_mask
@@ -146,12 +148,10 @@ def test_scoring_kernels_count_what_score_histogram_counts(per_query, chunk):
   to numpy's of those scores, eligible by the cache's length, which runs past the hashed
   length (those tokens score -1 and count); 2,500 tokens: a ragged last block of 1024,
   counted in chunks of ``chunk`` tokens."""
-  from pallas_kernels import hamming_scores as hs
-  from pallas_kernels import pack_signs as ps
   group, dim, capacity = 4, 64, 2500
-  kq, kk = np.random.default_rng(9).normal(size=(2, 2 * group, dim)), np.random.default_rng(
-      10).normal(size=(2, 2, capacity, dim))
-  q, k = ps.pack_signs_reference(jnp.asarray(kq)), ps.pack_signs_reference(jnp.asarray(kk))
+  rng = np.random.default_rng(9)
+  q = ps.pack_signs_reference(jnp.asarray(rng.normal(size=(2, 2 * group, dim))))
+  k = ps.pack_signs_reference(jnp.asarray(rng.normal(size=(2, 2, capacity, dim))))
   hashed = jnp.array([2400, 1000], jnp.int32)
   cache_length = jnp.array([2500, 1300], jnp.int32)
   lo, top = -1, (dim if per_query else group * dim)
@@ -177,7 +177,6 @@ def test_scoring_kernels_count_what_score_histogram_counts(per_query, chunk):
 def test_counted_scores_fused_or_not_agree(monkeypatch):
   """``hamming_*_counted``: the fused kernel (every kernel on) and the scores followed by
   ``score_histogram_kernel`` (the fused variant not enabled) give the same pair."""
-  from pallas_kernels import hamming_scores as hs
   rng = np.random.default_rng(11)
   q = jnp.asarray(rng.integers(0, 2**32, size=(2, 8, 2), dtype=np.uint32))
   k = jnp.asarray(rng.integers(0, 2**32, size=(2, 2, 1500, 2), dtype=np.uint32))
