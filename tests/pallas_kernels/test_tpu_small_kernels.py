@@ -133,8 +133,8 @@ def test_table_match_counts_interprets_on_tpu(as_tpu, group, K, tables, capacity
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("block, bins", [(256, 1024), (100, 1024), (256, 256)])  # the
-# histogram's block need not be 128-aligned
+# The histogram's block need not be 128-aligned.
+@pytest.mark.parametrize("block, bins", [(256, 1024), (100, 1024), (256, 256)])
 def test_score_histogram_lowers_for_tpu(as_tpu, block, bins):
   mosaic_module(lambda s, n: sh.score_histogram_kernel(s, n, -1, 4, 16, sh.BlockSizes(block),
                                                        bins=bins),
